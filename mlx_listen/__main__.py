@@ -1,0 +1,3 @@
+from mlx_listen.app.cli import main
+
+main()

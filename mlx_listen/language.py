@@ -1,0 +1,121 @@
+"""The Qwen2 decoder (`language_model`), in mlx-lm's shape with HF's weight names.
+
+It is mlx-lm's qwen2 written out so that two interpretability hooks live inside it at no cost
+when unused:
+- `Attention.probe`: called with the post-RoPE queries and the cached keys of a layer, so
+  head-level statistics (e.g. attention mass on the audio span at the last query) can be
+  reduced inside the forward pass while the fused attention kernel still computes the output;
+- `DecoderLayer.steer`: a function applied to the block output (the residual stream).
+Both are `None` by default; the forward pass then is mlx-lm's, op for op.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.activations import swiglu
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
+
+from .config import TextConfig
+
+Probe = Callable[[int, mx.array, mx.array, Any], None]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        dim, hd = cfg.hidden_size, cfg.head_dim
+        self.index = index
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv_heads = cfg.num_key_value_heads
+        self.scale = hd**-0.5
+        self.q_proj = nn.Linear(dim, self.n_heads * hd, bias=True)
+        self.k_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=True)
+        self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=True)
+        self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
+        self.rope = nn.RoPE(hd, traditional=False, base=cfg.rope_theta)
+        self.probe: Optional[Probe] = None
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        B, L, _ = x.shape
+        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = cache.offset if cache is not None else 0
+        q = self.rope(q, offset=offset)
+        k = self.rope(k, offset=offset)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        if self.probe is not None:
+            self.probe(self.index, q, k, mask)
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.self_attn = Attention(cfg, index)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.steer: Optional[Callable[[mx.array], mx.array]] = None
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+        out = h + self.mlp(self.post_attention_layernorm(h))
+        if self.steer is not None:
+            out = self.steer(out)
+        return out
+
+
+class Qwen2Model(nn.Module):
+    """`language_model.model`: embeddings, decoder layers, final norm."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
+        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None, hidden_states=None):
+        """`hidden_states`, when a list, receives each layer's output (`hook_resid_post`)."""
+        h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
+        if cache is None:
+            cache = [None] * len(self.layers)
+        mask = create_attention_mask(h, cache[0])
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, c)
+            if hidden_states is not None:
+                hidden_states.append(h)
+        return self.norm(h)
+
+
+class LanguageModel(nn.Module):
+    """`language_model`: the Qwen2 causal LM (untied `lm_head`, as in Qwen2-Audio)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen2Model(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def __call__(self, inputs, cache=None, input_embeddings=None, hidden_states=None):
+        out = self.model(inputs, cache, input_embeddings, hidden_states)
+        if self.config.tie_word_embeddings:
+            return self.model.embed_tokens.as_linear(out)
+        return self.lm_head(out)

@@ -1,0 +1,101 @@
+"""Finding and loading a model: a local folder (HF or converted MLX) or a hub repo id.
+
+An HF folder loads directly: converting it is only two conv transposes and optional renames,
+done by `Model.sanitize` at load time, so there is no need to keep a second 17 GB copy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+
+from .config import ModelConfig
+from .errors import ModelError
+from .model import Model
+from .prompt import Processor, find_chat_template
+
+DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
+
+
+def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a hub repo id, fetched through huggingface-hub's cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{path} is a file; --model takes a model folder or a hub repo id")
+        return path
+    repo = str(path_or_repo)
+    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
+        raise ModelError(f"model folder {repo} not found (and it is not a hub repo id like Org/Name)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
+    except Exception as e:  # the hub's errors are many; the user needs one line
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+        raise ModelError(
+            f"could not get {repo} from the Hugging Face hub ({reason}); pass a local folder "
+            "with --model /path/to/model, or set HF_HUB_OFFLINE=1 to use the hub cache only"
+        ) from None
+
+
+def read_config(path: Path) -> dict:
+    from mlx_lm.utils import load_config
+
+    if not (path / "config.json").exists():
+        raise ModelError(f"{path} has no config.json: not a model folder")
+    return load_config(path)
+
+
+def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
+    """mlx-lm's loader (safetensors, quantisation block, strict load) with our classes."""
+    from mlx_lm.utils import load_model as mlx_lm_load_model
+
+    config = read_config(path)
+    try:
+        ModelConfig.from_dict(config)
+    except ValueError as e:
+        raise ModelError(f"{path}: {e}") from None
+    if not list(path.glob("model*.safetensors")):
+        raise ModelError(f"{path} has no model*.safetensors weight files")
+    try:
+        model, config = mlx_lm_load_model(
+            path, lazy=True, get_model_classes=lambda config: (Model, ModelConfig)
+        )
+    except ValueError as e:
+        raise ModelError(f"{path}: weights do not match the config: {_short(e)}") from None
+    if not lazy:
+        mx.eval(model.parameters())
+    return model, config
+
+
+def load_processor(path: Path, config: dict) -> Processor:
+    from mlx_lm.utils import load_tokenizer
+
+    eos = config.get("eos_token_id")
+    eos = [eos] if isinstance(eos, int) else eos
+    try:
+        tok = load_tokenizer(path, eos_token_ids=eos)
+    except Exception as e:
+        raise ModelError(f"{path}: cannot load the tokenizer ({_short(e)})") from None
+    return Processor(tok, find_chat_template(path))
+
+
+def load(path_or_repo: str | Path = DEFAULT_MODEL, lazy: bool = False) -> tuple[Model, Processor]:
+    """`model, processor = load("Qwen/Qwen2-Audio-7B-Instruct")` (a folder works too)."""
+    path = resolve(path_or_repo)
+    model, config = load_model(path, lazy=lazy)
+    return model, load_processor(path, config)
+
+
+def model_dtype(model: Model) -> mx.Dtype:
+    """The activation dtype (norm weights are never quantised)."""
+    return model.language_model.model.norm.weight.dtype
+
+
+def _short(e: Exception, limit: int = 400) -> str:
+    s = " ".join(str(e).split())
+    return s if len(s) <= limit else s[:limit] + " …"
+

@@ -1,0 +1,92 @@
+"""Prompts: the Instruct chat template and `<|AUDIO|>` expansion, token for token as HF's processor.
+
+`Qwen2AudioProcessor` renders the chat template (the hub repos ship none, so its built-in
+default applies), replaces the i-th `<|AUDIO|>` with one copy per audio token of the i-th clip,
+then tokenises. We do the same; a folder that ships its own template (`chat_template.jinja`,
+`chat_template.json` or `tokenizer_config.json`) has it used instead, through the tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from .errors import ListenError
+
+AUDIO = "<|AUDIO|>"
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def messages_for(question: str, n_clips: int, system: str | None = None) -> list[dict]:
+    """One user turn: each clip, then the question (the layout of the Qwen and MMAU examples)."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    content = [{"type": "audio", "audio": f"clip{i}"} for i in range(n_clips)]
+    content.append({"type": "text", "text": question})
+    msgs.append({"role": "user", "content": content})
+    return msgs
+
+
+def render_default(messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    """The processor's built-in template (transformers' `default_chat_template`), in Python."""
+    out, n_audio = [], 0
+    for i, m in enumerate(messages):
+        if i == 0 and m["role"] != "system":
+            out.append(f"<|im_start|>system\n{DEFAULT_SYSTEM}<|im_end|>\n")
+        out.append(f"<|im_start|>{m['role']}\n")
+        if isinstance(m["content"], str):
+            out.append(f"{m['content']}<|im_end|>\n")
+            continue
+        for part in m["content"]:
+            if "audio" in part or "audio_url" in part or part.get("type") == "audio":
+                n_audio += 1
+                out.append(f"Audio {n_audio}: <|audio_bos|>{AUDIO}<|audio_eos|>\n")
+            elif "text" in part:
+                out.append(part["text"])
+        out.append("<|im_end|>\n")
+    if add_generation_prompt:
+        out.append("<|im_start|>assistant\n")
+    return "".join(out)
+
+
+def find_chat_template(path: Path) -> str | None:
+    """A chat template shipped with the model folder, if any (else the built-in default)."""
+    if (path / "chat_template.jinja").exists():
+        return (path / "chat_template.jinja").read_text()
+    for name in ("chat_template.json", "processor_config.json", "tokenizer_config.json"):
+        f = path / name
+        if f.exists():
+            t = json.loads(f.read_text()).get("chat_template")
+            if isinstance(t, str):
+                return t
+    return None
+
+
+class Processor:
+    """Tokenizer + chat template: messages and per-clip audio-token counts → input ids."""
+
+    def __init__(self, tokenizer, chat_template: str | None = None):
+        self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper (streaming detokenizer, eos ids)
+        self.chat_template = chat_template
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO)
+
+    def render(self, messages: Sequence[dict]) -> str:
+        if self.chat_template is None:
+            return render_default(messages)
+        return self.tokenizer.apply_chat_template(
+            list(messages), chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+        )
+
+    def encode(self, messages: Sequence[dict], audio_tokens: Sequence[int]) -> list[int]:
+        """Render, expand the i-th `<|AUDIO|>` to `audio_tokens[i]` copies, tokenise."""
+        text = self.render(messages)
+        parts = text.split(AUDIO)
+        if len(parts) - 1 != len(audio_tokens):
+            raise ListenError(
+                f"the prompt has {len(parts) - 1} audio placeholders but {len(audio_tokens)} clips were given"
+            )
+        expanded = parts[0] + "".join(AUDIO * n + p for n, p in zip(audio_tokens, parts[1:]))
+        return list(self.tokenizer.encode(expanded, add_special_tokens=True))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
