@@ -29,7 +29,7 @@ SIDE_FILES = [
     "added_tokens.json", "chat_template.jinja", "chat_template.json", "processor_config.json",
     "preprocessor_config.json", "generation_config.json",
 ]
-MAX_SHARD_BYTES = 5 << 30
+MAX_SHARD_GB = 5  # mlx-lm's shard size
 
 
 def language_only(path: str, module: nn.Module) -> bool:
@@ -75,7 +75,7 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         weights = dict(tree_flatten(model.parameters()))
-        shards = make_shards(weights, max_file_size_gb=MAX_SHARD_BYTES / (1 << 30))
+        shards = make_shards(weights, max_file_size_gb=MAX_SHARD_GB)
         name = "model-{:05d}-of-{:05d}.safetensors"
         index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": {}}
         for i, shard in enumerate(tqdm(shards, desc="Writing shards", unit="shard", disable=not progress)):

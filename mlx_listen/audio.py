@@ -34,14 +34,15 @@ def load_audio(path) -> np.ndarray:
     try:
         data, sr = sf.read(name, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises LibsndfileError/RuntimeError/TypeError depending on the failure
-        raise AudioError(f"{name} is not a readable audio file ({e})") from None
+        reason = str(e).removeprefix(f"Error opening {name!r}: ")
+        raise AudioError(f"{name} is not a readable audio file ({reason})") from None
     if data.shape[0] == 0:
         raise AudioError(f"{name} contains no audio samples")
     # Mixing before resampling is equivalent (both linear) and resamples one channel instead of many.
     audio = data.mean(axis=1, dtype=np.float32)
     if sr != SAMPLE_RATE:
         # HQ (soxr's default, also librosa.load's default "soxr_hq", which Qwen2-Audio's examples use):
-        # its >100 dB stopband is far below the 80 dB range the log-mel clamp keeps, so VHQ buys nothing.
+        # its ~120 dB (20-bit) stopband is far below the 80 dB range the log-mel clamp keeps, so VHQ buys nothing.
         audio = soxr.resample(audio, sr, SAMPLE_RATE, quality="HQ")
     return np.ascontiguousarray(audio, dtype=np.float32)
 
@@ -63,7 +64,7 @@ def num_frames(n_samples: int) -> int:
 def num_audio_tokens(n_frames: int) -> int:
     """Tokens after the encoder's stride-2 conv and its stride-2 avg-pool (Qwen2-Audio's length formula)."""
     n = int(n_frames)
-    if n <= 2:  # the formula's floor division of negatives would give 0 or -1 here; be explicit
+    if n <= 2:  # the formula only reaches 0 here through floor division of negatives; don't rely on it
         return 0
     return ((n - 1) // 2 + 1 - 2) // 2 + 1
 

@@ -1,0 +1,95 @@
+"""The PyTorch reference: run transformers' Qwen2-Audio on the same inputs and keep every number
+the MLX side computes (features, encoder and projector outputs, each decoder layer's output,
+logits, greedy tokens), as numpy arrays.
+
+Needs the `reference` extra (torch, transformers). Used by the parity tests and the reference run.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from mlx_listen.prompt import messages_for
+
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def load_hf(path, dtype: str = "float32", device: str | None = None, attn: str = "sdpa"):
+    """`(model, processor)` from transformers, in eval mode on `device`."""
+    import torch
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(
+        path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attn
+    ).to(pick_device(device)).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def hf_inputs(processor, clips: Sequence[np.ndarray], question: str, system: str | None = None):
+    """The processor's inputs for one question about `clips` (16 kHz float arrays)."""
+    text = processor.apply_chat_template(
+        messages_for(question, len(clips), system), add_generation_prompt=True, tokenize=False
+    )
+    return processor(text=text, audio=list(clips), sampling_rate=16000, return_tensors="pt")
+
+
+def run(model, processor, clips: Sequence[np.ndarray], question: str, system: str | None = None,
+        max_new_tokens: int = 0) -> dict[str, np.ndarray]:
+    """Every stage's output for one prompt, as float32/int numpy arrays (batch dim dropped)."""
+    import torch
+
+    inputs = hf_inputs(processor, clips, question, system).to(model.device)
+    inputs["input_features"] = inputs["input_features"].to(model.dtype)
+    lm = model.model.language_model
+    grabbed: dict[str, object] = {}
+    hooks = [
+        model.model.audio_tower.register_forward_hook(
+            lambda m, a, o: grabbed.__setitem__("encoder", o.last_hidden_state)),
+        model.model.multi_modal_projector.register_forward_hook(
+            lambda m, a, o: grabbed.__setitem__("projector", o)),
+    ]
+    layer_out: list = []
+    for layer in lm.layers:
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, o: layer_out.append(o[0] if isinstance(o, tuple) else o)))
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    n_frames = inputs["feature_attention_mask"].sum(-1).tolist()
+    n_tok = [((n - 1) // 2 + 1 - 2) // 2 + 1 for n in n_frames]
+
+    def valid(x):  # (clips, 750, d) → the kept tokens of every clip, concatenated
+        return torch.cat([x[i, :n] for i, n in enumerate(n_tok)]).float().cpu().numpy()
+
+    res = {
+        "input_ids": inputs["input_ids"][0].cpu().numpy(),
+        "input_features": inputs["input_features"].float().cpu().numpy(),
+        "feature_attention_mask": inputs["feature_attention_mask"].cpu().numpy(),
+        "encoder": valid(grabbed["encoder"]),
+        "projector": valid(grabbed["projector"]),
+        "hidden_states": torch.stack([h[0] for h in layer_out]).float().cpu().numpy(),
+        "logits": out.logits[0].float().cpu().numpy(),
+    }
+    if max_new_tokens:
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        res["greedy_tokens"] = gen[0, inputs["input_ids"].shape[1]:].cpu().numpy()
+    return res
