@@ -28,11 +28,31 @@ def pick_device(device: str | None = None) -> str:
     return "cpu"
 
 
+def resolve_hf(path_or_repo) -> str:
+    """A local folder, or a hub repo id through huggingface-hub's cache."""
+    from pathlib import Path
+
+    if Path(path_or_repo).exists():
+        return str(path_or_repo)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+
+
+def revision_of(path_or_repo) -> str | None:
+    """The hub commit of a cached snapshot (its folder name), or None for a plain folder."""
+    from pathlib import Path
+
+    p = Path(resolve_hf(path_or_repo)).resolve()
+    return p.name if p.parent.name == "snapshots" else None
+
+
 def load_hf(path, dtype: str = "float32", device: str | None = None, attn: str = "sdpa"):
     """`(model, processor)` from transformers, in eval mode on `device`."""
     import torch
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
+    path = resolve_hf(path)
     model = Qwen2AudioForConditionalGeneration.from_pretrained(
         path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attn
     ).to(pick_device(device)).eval()

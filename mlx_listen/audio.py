@@ -11,7 +11,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-import mlx.core as mx
 import numpy as np
 import soundfile as sf
 import soxr
@@ -105,8 +104,10 @@ def mel_filters() -> np.ndarray:
     return fb.astype(np.float32)
 
 
-def log_mel(audio: np.ndarray) -> mx.array:
+def log_mel(audio: np.ndarray) -> "mx.array":
     """(128, 3000) float32 log-mel of the clip padded/truncated to 30 s, as WhisperFeatureExtractor computes it."""
+    import mlx.core as mx  # here, not at the top: the MLX-free reference side imports load_audio
+
     # Pad to 30 s *before* the STFT (as HF does): the padding changes the last frames and the global max.
     x = np.pad(pad_or_trim(audio), N_FFT // 2, mode="reflect")  # torch.stft(center=True) reflect padding
     x = mx.array(x)
@@ -122,7 +123,7 @@ def log_mel(audio: np.ndarray) -> mx.array:
 
 @dataclass
 class AudioFeatures:
-    mel: mx.array  # (128, 3000)
+    mel: "mx.array"  # (128, 3000)
     n_frames: int  # valid frames (feature_attention_mask.sum())
     n_tokens: int  # audio tokens the encoder produces for this clip
     duration: float  # seconds of the input, before truncation

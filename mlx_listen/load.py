@@ -34,10 +34,15 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:  # the hub's errors are many; the user needs one line
+        from huggingface_hub import constants
+
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+        # Offline, the advice to go offline is wrong: say what offline means instead.
+        hint = ("unset HF_HUB_OFFLINE to download it" if constants.HF_HUB_OFFLINE
+                else "set HF_HUB_OFFLINE=1 to use the hub cache only")
         raise ModelError(
             f"could not get {repo} from the Hugging Face hub ({reason}); pass a local folder "
-            "with --model /path/to/model, or set HF_HUB_OFFLINE=1 to use the hub cache only"
+            f"with --model /path/to/model, or {hint}"
         ) from None
 
 
@@ -46,7 +51,10 @@ def read_config(path: Path) -> dict:
 
     if not (path / "config.json").exists():
         raise ModelError(f"{path} has no config.json: not a model folder")
-    return load_config(path)
+    try:
+        return load_config(path)
+    except ValueError as e:  # json.JSONDecodeError: a truncated or hand-edited file
+        raise ModelError(f"{path}: config.json is not valid JSON ({_short(e)})") from None
 
 
 def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
@@ -66,6 +74,8 @@ def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
         )
     except ValueError as e:
         raise ModelError(f"{path}: weights do not match the config: {_short(e)}") from None
+    except (RuntimeError, OSError) as e:  # mx.load on a truncated or non-safetensors file
+        raise ModelError(f"{path}: cannot read the weight files ({_short(e)})") from None
     if not lazy:
         mx.eval(model.parameters())
     return model, config

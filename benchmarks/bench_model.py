@@ -1,0 +1,208 @@
+"""Benchmark mlx-listen's pipeline on random weights, and its decoder against mlx-lm's qwen2.
+
+Everything runs in one process on the same random weights and is compared MLX against MLX only
+(ratios): absolute numbers depend on the MLX backend and BLAS, not on this code.
+
+Rows: log-mel time; audio tower on the valid frames only vs HF's padded 30 s window (time and
+max |diff|); prefill/decode tok/s and peak memory of a ~290-token audio prompt through mlx-lm's
+`generate_step`, for our `language_model` and for `mlx_lm.models.qwen2.Model` holding the very
+same arrays, run interleaved so machine noise hits both equally.
+
+    python benchmarks/bench_model.py                # mid-size: real widths, few layers
+    python benchmarks/bench_model.py --quick        # tiny smoke run (< 1 min)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+from mlx_lm.generate import generate_step, generation_stream
+from mlx_lm.models import qwen2
+
+from mlx_listen.audio import SAMPLE_RATE, audio_features, log_mel
+from mlx_listen.config import ModelConfig
+from mlx_listen.model import Model
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    p.add_argument("--layers", type=int, default=2, help="decoder layers (real model: 32)")
+    p.add_argument("--encoder-layers", type=int, default=2, help="encoder layers (real: 32)")
+    p.add_argument("--vocab", type=int, default=32000, help="vocab size (real: 156032)")
+    p.add_argument("--trials", type=int, default=3, help="timed runs after one warm-up")
+    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--quick", action="store_true", help="tiny widths: checks the script runs")
+    p.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    return p.parse_args()
+
+
+def build_model(a) -> Model:
+    # Real Qwen2-Audio-7B widths and head layout; only depth and vocab are cut to fit a laptop.
+    if a.quick:
+        text = dict(hidden_size=256, intermediate_size=688, num_attention_heads=4, num_key_value_heads=4)
+        audio = dict(d_model=128, encoder_attention_heads=2, encoder_ffn_dim=512)
+    else:
+        text = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32)
+        audio = dict(d_model=1280, encoder_attention_heads=20, encoder_ffn_dim=5120)
+    cfg = {
+        "model_type": "qwen2_audio",
+        "audio_token_index": a.vocab - 1,
+        "audio_config": dict(audio, encoder_layers=a.encoder_layers, num_mel_bins=128),
+        "text_config": dict(text, num_hidden_layers=a.layers, vocab_size=a.vocab, rms_norm_eps=1e-5,
+                            rope_theta=10000.0, tie_word_embeddings=False),
+    }
+    mx.random.seed(0)
+    model = Model(ModelConfig.from_dict(cfg))
+    model.set_dtype(DTYPES[a.dtype])  # init is lazy: only the cast weights get materialised
+    mx.eval(model.parameters())
+    return model
+
+
+def mlx_lm_twin(model: Model) -> qwen2.Model:
+    """mlx-lm's qwen2 holding the same arrays (shared, not copied); strict load checks the names."""
+    t = model.config.text_config
+    args = qwen2.ModelArgs(
+        model_type="qwen2", hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
+        intermediate_size=t.intermediate_size, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, rms_norm_eps=t.rms_norm_eps,
+        vocab_size=t.vocab_size, rope_theta=t.rope_theta, tie_word_embeddings=False,
+    )
+    twin = qwen2.Model(args)
+    twin.load_weights(tree_flatten(model.language_model.parameters()), strict=True)
+    return twin
+
+
+def timed(fn):
+    """Seconds for fn(), forcing evaluation (MLX is lazy), and its result."""
+    mx.synchronize()
+    tic = time.perf_counter()
+    out = fn()
+    mx.eval(out)
+    return time.perf_counter() - tic, out
+
+
+def clip(seconds: float) -> np.ndarray:
+    return (0.1 * np.random.default_rng(0).standard_normal(int(seconds * SAMPLE_RATE))).astype(np.float32)
+
+
+def bench_encoder(model: Model, seconds: float, trials: int) -> dict:
+    f = audio_features(clip(seconds))
+    tower = model.audio_tower
+    valid, padded = [], []
+    timed(lambda: tower(f.mel, f.n_frames))  # warm-up
+    for _ in range(trials):  # interleaved, like the decoder A/B below
+        t, out_v = timed(lambda: tower(f.mel, f.n_frames))
+        valid.append(t)
+        t, out_p = timed(lambda: tower(f.mel, f.n_frames, padded=True))
+        padded.append(t)
+    diff = mx.abs(out_v.astype(mx.float32) - out_p.astype(mx.float32)).max().item()
+    return dict(valid_s=statistics.median(valid), padded_s=statistics.median(padded),
+                speedup=statistics.median(padded) / statistics.median(valid), max_abs_diff=diff,
+                n_tokens=f.n_tokens)
+
+
+def audio_prompt(model: Model, n_text: int = 40):
+    """~290 positions: 20 text tokens, a 10 s clip's 250 <|AUDIO|> tokens, 20 text tokens."""
+    f = audio_features(clip(10.0))
+    feats = model.encode_audio(f.mel, f.n_frames)
+    rng = np.random.default_rng(1)
+    text = rng.integers(0, model.config.text_config.vocab_size - 1, n_text)
+    ids = np.concatenate([text[: n_text // 2], np.full(f.n_tokens, model.config.audio_token_index),
+                          text[n_text // 2:]])
+    emb = model.embed(ids, [feats])
+    mx.eval(emb)
+    return ids, emb
+
+
+def generate_run(lm, ids, emb, n_tokens: int) -> dict:
+    """One greedy generation through mlx-lm's generate_step: time to first token is the prefill."""
+    mx.synchronize(generation_stream)
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    tokens = []
+    tic = time.perf_counter()
+    for tok, _ in generate_step(mx.array(ids), lm, input_embeddings=emb, max_tokens=n_tokens):
+        tokens.append(tok)
+        if len(tokens) == 1:
+            first = time.perf_counter()
+    last = time.perf_counter()
+    mx.synchronize(generation_stream)  # generate_step leaves one step in flight; keep it out of the next run
+    return dict(prefill_tok_s=len(ids) / (first - tic), decode_tok_s=(n_tokens - 1) / (last - first),
+                peak_gb=mx.get_peak_memory() / 1e9, tokens=tokens)
+
+
+def main():
+    a = parse_args()
+    if a.quick:
+        a.layers, a.encoder_layers, a.vocab = min(a.layers, 2), min(a.encoder_layers, 1), 1024
+        a.trials, a.decode_tokens = 1, 8
+    model = build_model(a)
+    res = {"config": {k: v for k, v in vars(a).items() if k != "json"},
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, mlx {mx.__version__} {mx.default_device()}"}
+
+    audio10 = clip(10.0)
+    timed(lambda: log_mel(audio10))
+    res["log_mel_s"] = statistics.median(timed(lambda: log_mel(audio10))[0] for _ in range(max(a.trials, 5)))
+    res["encoder"] = {f"{s} s": bench_encoder(model, s, a.trials) for s in (3, 10)}
+
+    ids, emb = audio_prompt(model)
+    ours, twin = model, mlx_lm_twin(model)  # the whole Model: what generate.py hands mlx-lm
+    n = min(32, len(ids))  # full logits on a prefix: cheap, and covers embeddings, layers and head
+    la, lb = ours(None, input_embeddings=emb[None, :n]), twin(None, input_embeddings=emb[None, :n])
+    res["logits_max_abs_diff"] = mx.abs(la.astype(mx.float32) - lb.astype(mx.float32)).max().item()
+
+    runs = {"ours": [], "mlx_lm": []}
+    for trial in range(a.trials + 1):  # trial 0 is the warm-up
+        order = [("ours", ours), ("mlx_lm", twin)]
+        for name, lm in order if trial % 2 else order[::-1]:  # alternate who goes first
+            r = generate_run(lm, ids, emb, a.decode_tokens)
+            if trial:
+                runs[name].append(r)
+            print(f"  trial {trial} {name:6s} prefill {r['prefill_tok_s']:7.2f} tok/s  "
+                  f"decode {r['decode_tok_s']:6.2f} tok/s", flush=True)
+    med = {name: {k: statistics.median(r[k] for r in rs) for k in ("prefill_tok_s", "decode_tok_s", "peak_gb")}
+           for name, rs in runs.items()}
+    res.update(prompt_tokens=len(ids), generation=med,
+               same_tokens=all(r["tokens"] == runs["ours"][0]["tokens"] for rs in runs.values() for r in rs),
+               prefill_ratio=med["ours"]["prefill_tok_s"] / med["mlx_lm"]["prefill_tok_s"],
+               decode_ratio=med["ours"]["decode_tok_s"] / med["mlx_lm"]["decode_tok_s"])
+    print(table(res))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(res, fh, indent=2)
+
+
+def table(r: dict) -> str:
+    c, o, m = r["config"], r["generation"]["ours"], r["generation"]["mlx_lm"]
+    rows = [
+        ("log-mel, 10 s clip", f"{r['log_mel_s'] * 1e3:.1f} ms", "", "", ""),
+        *[(f"audio tower, {k} clip ({e['n_tokens']} tok): valid vs padded 30 s",
+           f"{e['valid_s']:.3f} s", f"{e['padded_s']:.3f} s", f"{e['speedup']:.2f}× faster",
+           f"max abs diff {e['max_abs_diff']:.2e}") for k, e in r["encoder"].items()],
+        (f"prefill, {r['prompt_tokens']}-token audio prompt: ours vs mlx-lm qwen2",
+         f"{o['prefill_tok_s']:.2f} tok/s", f"{m['prefill_tok_s']:.2f} tok/s", f"{r['prefill_ratio']:.3f}×",
+         f"logits max abs diff {r['logits_max_abs_diff']:.2e}"),
+        (f"decode, {c['decode_tokens']} tokens greedy: ours vs mlx-lm qwen2",
+         f"{o['decode_tok_s']:.2f} tok/s", f"{m['decode_tok_s']:.2f} tok/s", f"{r['decode_ratio']:.3f}×",
+         "same tokens" if r["same_tokens"] else "TOKENS DIFFER"),
+        ("peak memory during generation", f"{o['peak_gb']:.2f} GB", f"{m['peak_gb']:.2f} GB", "", ""),
+    ]
+    head = (f"{c['dtype']}, decoder {c['layers']} layers, encoder {c['encoder_layers']} layers, "
+            f"vocab {c['vocab']}, median of {c['trials']} trials; {r['machine']}\n\n"
+            "| measurement | A | B | ratio | check |\n|---|---|---|---|---|\n")
+    return head + "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Reference bundles: what a transformers run recorded, to check an MLX model against it.
+
+A bundle is a folder with two files:
+- `manifest.json`: format name and version, the software and hardware of the run, the model's
+  identity (config hash and a weight fingerprint), the dtype, and one entry per item (audio file
+  and its sha256, question, system prompt, rendered prompt, token count, which quantities were
+  recorded);
+- `tensors.safetensors`: the numbers, named `item{i}.{quantity}`.
+
+Readers ignore quantities they do not know and check only those present on both sides, so a
+later version can add quantities (head attention mass, listening score, steered logits)
+without breaking old bundles; `version` changes only when a meaning changes.
+
+MLX-free (numpy + safetensors) so the reference side can write it without MLX.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT = "mlx-listen-reference"
+VERSION = 1
+MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
+SKETCH_DIM, SKETCH_SEED = 64, 20260611
+
+# What each recorded quantity is (documentation, and the order of the parity table).
+QUANTITIES = {
+    "input_ids": "prompt token ids (int32)",
+    "features": "log-mel of each clip over its valid frames, concatenated on time (128, sum n_frames)",
+    "n_frames": "valid mel frames per clip (int32)",
+    "encoder_sketch": "audio-tower output (valid tokens) times a fixed Gaussian (d_model, 64) matrix",
+    "encoder_norms": "per-token L2 norms of the audio-tower output",
+    "projector_sketch": "projected audio tokens times a fixed Gaussian (hidden, 64) matrix",
+    "projector_norms": "per-token L2 norms of the projected audio tokens",
+    "hidden_last": "each decoder layer's output at the last prompt position (n_layers, hidden)",
+    "logits_last": "logits at the last prompt position (vocab,)",
+    "greedy_tokens": "greedy continuation, eos excluded (int32)",
+}
+
+
+def sketch_matrix(dim: int) -> np.ndarray:
+    """The fixed random projection both sides use to summarise (n_tok, dim) activations."""
+    return np.random.default_rng(SKETCH_SEED + dim).standard_normal((dim, SKETCH_DIM)).astype(np.float32) / np.sqrt(dim)
+
+
+def sketch(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x @ sketch_matrix(x.shape[-1])
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_hash(config: dict) -> str:
+    """Hash of the architecture-defining config fields, insensitive to format (4.x/5.x) and dtype."""
+    from .config import ModelConfig
+
+    c = ModelConfig.from_dict(config)
+    t, a = c.text_config, c.audio_config
+    ident = {
+        "text": [t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+                 t.num_key_value_heads, t.rms_norm_eps, float(t.rope_theta), t.tie_word_embeddings],
+        "audio": [a.num_mel_bins, a.encoder_layers, a.encoder_attention_heads, a.encoder_ffn_dim, a.d_model,
+                  a.max_source_positions],
+        "audio_token_index": c.audio_token_index,
+    }
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Weight fingerprint: a few fixed slices of fixed tensors, in float32. A converted, cast or
+# quantised copy of the same weights reproduces them within its precision; another model does not.
+FINGERPRINT_SLICES = {
+    "language_model.model.embed_tokens.weight": (slice(0, 8), slice(0, 16)),
+    "language_model.lm_head.weight": (slice(0, 8), slice(0, 16)),
+    "language_model.model.norm.weight": (slice(0, 64),),
+    "audio_tower.conv1.bias": (slice(0, 64),),
+    "multi_modal_projector.linear.bias": (slice(0, 64),),
+}
+
+
+@dataclass
+class Bundle:
+    manifest: dict
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def items(self) -> list[dict]:
+        return self.manifest["items"]
+
+    def get(self, i: int, name: str):
+        return self.tensors.get(f"item{i}.{name}")
+
+    def put(self, i: int, name: str, value):
+        self.tensors[f"item{i}.{name}"] = np.ascontiguousarray(value)
+
+    def save(self, path) -> Path:
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / (TENSORS + ".tmp")
+        save_file(self.tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+        tmp.replace(path / TENSORS)
+        (path / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=False))
+        return path
+
+
+class BundleError(ValueError):
+    pass
+
+
+def load_bundle(path) -> Bundle:
+    """Read and validate a bundle folder (or its manifest.json)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if path.name == MANIFEST:
+        path = path.parent
+    if not (path / MANIFEST).exists() or not (path / TENSORS).exists():
+        raise BundleError(f"{path} is not a reference bundle (needs {MANIFEST} and {TENSORS})")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path / MANIFEST} is not valid JSON ({e})") from None
+    if manifest.get("format") != FORMAT:
+        raise BundleError(f"{path} is not a {FORMAT} bundle")
+    if int(manifest.get("version", 0)) > VERSION:
+        raise BundleError(f"{path} is bundle version {manifest['version']}; this mlx-listen reads up to {VERSION}")
+    try:
+        tensors = load_file(str(path / TENSORS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise BundleError(f"{path / TENSORS} is truncated or corrupt ({e})") from None
+    bundle = Bundle(manifest, tensors)
+    for i, item in enumerate(bundle.items):
+        for q in item.get("quantities", []):
+            if bundle.get(i, q) is None:
+                raise BundleError(f"{path}: item {i} lists {q!r} but the tensor file lacks it (truncated bundle?)")
+    return bundle

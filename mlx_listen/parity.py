@@ -1,0 +1,241 @@
+"""`mlx-listen parity`: recompute a reference bundle's quantities with the MLX model and judge them.
+
+Tolerances depend on the dtypes on each side (README, "Parity against a reference run"):
+- fp32 MLX vs fp32 reference: max abs error ≤ 1e-4 × max(1, max |ref|); greedy tokens identical;
+- bf16/fp16 MLX vs a reference recorded with `--drift`: error against the fp32 numbers at most
+  2× transformers' own bf16-vs-fp32 error on the same item;
+- bf16/fp16 MLX vs a bf16 reference without drift: cosine ≥ 0.999 (a loose check);
+- quantised MLX: cosine ≥ 0.995 (8-bit) / 0.95 (4-bit), a sanity check rather than parity.
+Features (fp32 on both sides) are held to 1e-4; ids and frame counts must be equal; greedy
+tokens are judged only fp32 against fp32, otherwise reported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+
+from .audio import audio_features, load_audio
+from .bundle import FINGERPRINT_SLICES, Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
+from .errors import ListenError
+from .generate import generate, prepare
+from .load import load_model, load_processor, model_dtype, resolve
+from .prompt import messages_for
+
+FP32_RTOL = 1e-4
+FEATURE_ATOL = 1e-4
+HALF_COSINE = 0.999
+QUANT_COSINE = {8: 0.995, 4: 0.95}
+DRIFT_FACTOR = 2.0
+FLOAT_QUANTITIES = ["features", "encoder_sketch", "encoder_norms", "projector_sketch", "projector_norms",
+                    "hidden_last", "logits_last"]
+
+
+@dataclass
+class Row:
+    quantity: str
+    item: str
+    max_abs: float = float("nan")
+    max_rel: float = float("nan")
+    cosine: float = float("nan")
+    limit: str = ""
+    ok: bool = True
+    note: str = ""
+
+
+@dataclass
+class Report:
+    rows: list[Row] = field(default_factory=list)
+    mode: str = ""
+    unchecked: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.rows)
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "mode": self.mode, "unchecked": self.unchecked,
+                "rows": [r.__dict__ for r in self.rows]}
+
+    def table(self) -> str:
+        """One line per quantity: the worst item's numbers, and whether every item passed."""
+        lines = [f"Parity ({self.mode})",
+                 f"{'quantity':<18} {'items':>5} {'max abs':>10} {'max rel':>10} {'min cos':>10}  {'limit':<28} verdict"]
+        from .bundle import QUANTITIES
+
+        order = {q: k for k, q in enumerate(QUANTITIES)}
+        for q in sorted(dict.fromkeys(r.quantity for r in self.rows), key=lambda q: order.get(q, len(order))):
+            rs = [r for r in self.rows if r.quantity == q]
+            worst = max(rs, key=lambda r: (not r.ok, np.nan_to_num(r.max_rel, nan=-1)))
+            cos = min((r.cosine for r in rs), default=float("nan"))
+            notes = "; ".join(sorted({r.note for r in rs if r.note}))
+            lines.append(f"{q:<18} {len(rs):>5} {worst.max_abs:>10.3g} {worst.max_rel:>10.3g} {cos:>10.6f}  "
+                         f"{worst.limit:<28} {'ok' if all(r.ok for r in rs) else 'FAIL'}" + (f"  ({notes})" if notes else ""))
+        if self.unchecked:
+            lines.append(f"not checked (unknown to this version): {', '.join(self.unchecked)}")
+        lines.append(f"Verdict: {'PASS' if self.ok else 'FAIL'}")
+        return "\n".join(lines)
+
+
+def _metrics(ours, ref):
+    a, b = np.asarray(ours, np.float64).reshape(-1), np.asarray(ref, np.float64).reshape(-1)
+    err = float(np.abs(a - b).max()) if a.size else 0.0
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    den = np.linalg.norm(a) * np.linalg.norm(b)
+    cos = float(a @ b / den) if den > 0 else float(np.array_equal(a, b))
+    return err, err / max(scale, 1e-30), cos, scale
+
+
+def _quant_bits(model) -> int | None:
+    q = model.config.quantization
+    return int(q["bits"]) if q else None
+
+
+def check_identity(bundle: Bundle, model, config: dict):
+    """Refuse a bundle recorded from another model (architecture hash, weight fingerprint)."""
+    want = bundle.manifest["model"]
+    if config_hash(config) != want["config_hash"]:
+        raise ListenError("the bundle was recorded from a model with another architecture/config "
+                          f"(config hash {want['config_hash']} vs {config_hash(config)})")
+    ours, ref = [], []
+    for name, idx in FINGERPRINT_SLICES.items():
+        if name in want["fingerprint"]:
+            ours.append(np.array(_weight(model, name)[idx].astype(mx.float32)).reshape(-1))
+            ref.append(np.asarray(want["fingerprint"][name], np.float64))
+    _, _, cos, _ = _metrics(np.concatenate(ours), np.concatenate(ref))
+    if cos < 0.98:
+        raise ListenError(f"the bundle was recorded from different weights (weight fingerprint cosine {cos:.3f}; "
+                          "same config, another checkpoint?)")
+
+
+def _weight(model, name: str) -> mx.array:
+    """A parameter by its checkpoint name, dequantised if its module is quantised."""
+    *path, leaf = name.split(".")
+    mod = model
+    for p in path:
+        mod = getattr(mod, p)
+    if "scales" in mod:
+        return mx.dequantize(mod.weight, mod.scales, mod.get("biases"), group_size=mod.group_size,
+                             bits=mod.bits, mode=mod.mode)
+    return mod[leaf]
+
+
+def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new_tokens: int) -> dict:
+    """The bundle quantities of item `i`, computed by the MLX model (see `bundle.QUANTITIES`)."""
+    item = bundle.items[i]
+    path = root / item["audio"]
+    if not path.exists():
+        raise ListenError(f"item {item['id']}: audio {path} is missing from the bundle")
+    if sha256_file(path) != item["audio_sha256"]:
+        raise ListenError(f"item {item['id']}: audio {path} differs from the one the reference used")
+    feats = audio_features(load_audio(path), str(path))
+    msgs = messages_for(item["question"], 1, item.get("system"))
+    if processor.render(msgs) != item["prompt"]:
+        raise ListenError(f"item {item['id']}: the bundle was made with another prompt format (chat template); "
+                          "the rendered prompts differ")
+    prompt = prepare(model, processor, [feats], item["question"], item.get("system"))
+    enc = model.audio_tower(feats.mel, feats.n_frames)
+    proj = model.multi_modal_projector(enc)
+    hidden: list = []
+    logits = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None], hidden_states=hidden)
+    f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
+    out = {
+        "input_ids": np.array(prompt.ids, np.int32),
+        "n_frames": np.array([feats.n_frames], np.int32),
+        "features": f32(feats.mel[:, : feats.n_frames]),
+        "encoder_sketch": sketch(f32(enc)), "encoder_norms": np.linalg.norm(f32(enc), axis=-1),
+        "projector_sketch": sketch(f32(proj)), "projector_norms": np.linalg.norm(f32(proj), axis=-1),
+        "hidden_last": np.stack([f32(h[0, -1]) for h in hidden]),
+        "logits_last": f32(logits[0, -1]),
+    }
+    if max_new_tokens:
+        out["greedy_tokens"] = np.array(generate(model, processor, prompt, max_tokens=max_new_tokens).tokens, np.int32)
+    return out
+
+
+def _judge(q: str, ours, ref, drift, mode: str, bits: int | None) -> Row:
+    row = Row(q, "")
+    if q in ("input_ids", "n_frames"):
+        row.ok = np.array_equal(ours, ref)
+        row.max_abs = float(np.abs(ours.astype(np.int64) - ref.astype(np.int64)).max()) if ours.shape == ref.shape else float("inf")
+        row.limit = "equal"
+        return row
+    if q == "greedy_tokens":
+        n = min(len(ours), len(ref))
+        diverge = next((k for k in range(n) if ours[k] != ref[k]), None if len(ours) == len(ref) else n)
+        row.max_abs = float(0 if diverge is None else len(ref) - diverge)
+        row.note = "identical" if diverge is None else f"first divergence at token {diverge}"
+        row.ok = diverge is None or mode != "fp32"
+        row.limit = "identical" if mode == "fp32" else "reported only"
+        return row
+    if ours.shape != ref.shape:
+        row.ok, row.note = False, f"shape {ours.shape} vs {ref.shape}"
+        return row
+    row.max_abs, row.max_rel, row.cosine, scale = _metrics(ours, ref)
+    if q == "features":
+        row.limit, row.ok = f"abs <= {FEATURE_ATOL:g}", row.max_abs <= FEATURE_ATOL
+    elif mode == "fp32":
+        lim = FP32_RTOL * max(1.0, scale)
+        row.limit, row.ok = f"abs <= {lim:.3g}", row.max_abs <= lim
+    elif mode == "quantized":
+        lim = QUANT_COSINE.get(bits, QUANT_COSINE[4])
+        row.limit, row.ok = f"cos >= {lim:g}", row.cosine >= lim
+    elif drift is not None:
+        lim = DRIFT_FACTOR * float(np.abs(np.asarray(drift, np.float64) - np.asarray(ref, np.float64)).max()) + 1e-6
+        row.limit, row.ok = f"abs <= {DRIFT_FACTOR:g}x HF drift ({lim:.3g})", row.max_abs <= lim
+    else:
+        row.limit, row.ok = f"cos >= {HALF_COSINE:g}", row.cosine >= HALF_COSINE
+    return row
+
+
+def parity(bundle_path, model_path=None, progress: bool = True) -> Report:
+    """Check an MLX model against a reference bundle; raises ListenError when they cannot be compared."""
+    from tqdm import tqdm
+
+    from .bundle import QUANTITIES
+
+    try:
+        bundle = load_bundle(bundle_path)
+    except BundleError as e:
+        raise ListenError(str(e)) from None
+    root = Path(bundle_path)
+    path = resolve(model_path or bundle.manifest["model"]["path"])
+    model, config = load_model(path)
+    processor = load_processor(path, config)
+    check_identity(bundle, model, config)
+
+    bits = _quant_bits(model)
+    ours_fp32 = model_dtype(model) == mx.float32 and bits is None
+    ref_dtype, drift_dtype = bundle.manifest["dtype"], bundle.manifest.get("drift_dtype")
+    fp32_ref = ref_dtype == "float32"
+    if bits is not None:
+        mode = "quantized"
+    elif ours_fp32 and fp32_ref:
+        mode = "fp32"
+    else:
+        mode = "half"
+    report = Report(mode=f"MLX {'%d-bit' % bits if bits else str(model_dtype(model)).split('.')[-1]} vs "
+                         f"reference {ref_dtype}{' + ' + drift_dtype + ' drift' if drift_dtype else ''} "
+                         f"on {bundle.manifest['device'].get('name') or bundle.manifest['device']['type']}")
+    unknown = set()
+    n_new = int(bundle.manifest.get("decoding", {}).get("max_new_tokens", 0))
+    for i, item in enumerate(tqdm(bundle.items, desc="Parity", unit="item", disable=not progress)):
+        ours = mlx_quantities(model, processor, bundle, i, root, n_new if "greedy_tokens" in item["quantities"] else 0)
+        if not np.array_equal(ours["input_ids"], bundle.get(i, "input_ids")):
+            raise ListenError(f"item {item['id']}: prompt token ids differ from the bundle's "
+                              "(another tokenizer or prompt format)")
+        for q in item["quantities"]:
+            if q.startswith("drift."):
+                continue
+            if q not in QUANTITIES or q not in ours:
+                unknown.add(q)
+                continue
+            drift = bundle.get(i, f"drift.{q}") if fp32_ref and not ours_fp32 else None
+            row = _judge(q, ours[q], bundle.get(i, q), drift, mode, bits)
+            row.item = item["id"]
+            report.rows.append(row)
+    report.unchecked = sorted(unknown)
+    return report

@@ -1,0 +1,133 @@
+"""The reference round trip on tiny models: transformers writes a bundle, `mlx-listen parity` checks it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import SR, tone
+
+from mlx_listen.bundle import QUANTITIES, load_bundle
+from mlx_listen.errors import ListenError
+from mlx_listen.parity import parity
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    d = tmp_path_factory.mktemp("items")
+    for name, secs, f in [("a.wav", 2.0, 330.0), ("b.flac", 3.3, 660.0)]:
+        sf.write(d / name, tone(secs, f), SR)
+    spec = [{"audio": "a.wav", "question": "What is this sound?"},
+            {"audio": "b.flac", "question": "Is it high or low?", "system": "Answer briefly."}]
+    (d / "items.json").write_text(json.dumps(spec))
+    return d / "items.json"
+
+
+@pytest.fixture(scope="module")
+def bundle_fp32(tiny_gqa, items, tmp_path_factory):
+    from mlx_listen.convert.reference_run import make_bundle, read_items
+
+    out = tmp_path_factory.mktemp("b") / "fp32"
+    return make_bundle(str(tiny_gqa.hf_path), read_items(items, None), out, dtype="float32", device="cpu",
+                       max_new_tokens=24, drift=True, progress=False)
+
+
+def test_bundle_format(bundle_fp32):
+    b = load_bundle(bundle_fp32)
+    m = b.manifest
+    assert m["format"] == "mlx-listen-reference" and m["version"] == 1 and m["dtype"] == "float32"
+    assert m["drift_dtype"] == "bfloat16" and m["device"]["type"] == "cpu"
+    assert {"torch", "transformers"} <= set(m["software"])
+    for i, item in enumerate(b.items):
+        assert set(item["quantities"]) - {q for q in item["quantities"] if q.startswith("drift.")} == set(QUANTITIES)
+        assert b.get(i, "input_ids").size == item["n_prompt_tokens"]
+        assert (bundle_fp32 / item["audio"]).exists()
+    size = sum(f.stat().st_size for f in bundle_fp32.rglob("*") if f.is_file())
+    assert size < 2_000_000
+
+
+def test_fp32_parity_passes(tiny_gqa, bundle_fp32):
+    report = parity(bundle_fp32, tiny_gqa.mlx_path, progress=False)
+    assert report.ok, report.table()
+    assert report.mode.startswith("MLX float32 vs reference float32")
+    logits = [r for r in report.rows if r.quantity == "logits_last"]
+    assert len(logits) == 2 and all(r.max_abs < 1e-4 for r in logits)
+    greedy = [r for r in report.rows if r.quantity == "greedy_tokens"]
+    assert all(r.note == "identical" for r in greedy)
+
+
+def test_bf16_model_judged_against_hf_drift(tiny_gqa, bundle_fp32, tmp_path):
+    from mlx_listen.convert.convert import convert
+
+    bf16 = convert(str(tiny_gqa.hf_path), str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+    report = parity(bundle_fp32, bf16, progress=False)
+    assert report.ok, report.table()
+    assert "HF drift" in next(r.limit for r in report.rows if r.quantity == "logits_last")
+
+
+def test_perturbed_weight_fails(tiny_gqa, bundle_fp32, tmp_path):
+    """One weight changed (not one the identity fingerprint reads): parity must fail, naming the stages."""
+    import mlx.core as mx
+
+    folder = tmp_path / "perturbed"
+    shutil.copytree(tiny_gqa.mlx_path, folder)
+    f = next(folder.glob("model*.safetensors"))
+    w = mx.load(str(f))
+    k = "language_model.model.layers.1.mlp.down_proj.weight"
+    w[k] = w[k] + 0.05 * (mx.arange(w[k].size).reshape(w[k].shape) % 7 == 0)
+    mx.save_safetensors(str(f), w, metadata={"format": "mlx"})
+    report = parity(bundle_fp32, folder, progress=False)
+    assert not report.ok
+    failed = {r.quantity for r in report.rows if not r.ok}
+    assert "logits_last" in failed and "hidden_last" in failed
+    assert "projector_sketch" not in failed  # the audio path is untouched
+    assert "Verdict: FAIL" in report.table()
+
+
+def test_bundle_from_another_model_is_refused(bundle_fp32, tmp_path):
+    from mlx_listen.convert.tiny import build_tiny
+
+    other = tmp_path / "other"
+    build_tiny(other, init_range=0.1, kv_heads=2, seed=123)
+    with pytest.raises(ListenError, match="different weights"):
+        parity(bundle_fp32, other, progress=False)
+    wider = tmp_path / "wider"
+    build_tiny(wider, init_range=0.1, kv_heads=2, hidden=128)
+    with pytest.raises(ListenError, match="architecture"):
+        parity(bundle_fp32, wider, progress=False)
+
+
+def test_truncated_bundle_is_refused(tiny_gqa, bundle_fp32, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_fp32, broken)
+    t = broken / "tensors.safetensors"
+    t.write_bytes(t.read_bytes()[: t.stat().st_size // 2])
+    with pytest.raises(ListenError, match="truncated or corrupt"):
+        parity(broken, tiny_gqa.mlx_path, progress=False)
+
+
+def test_other_prompt_format_is_refused(tiny_gqa, bundle_fp32, tmp_path):
+    folder = tmp_path / "tmpl"
+    shutil.copytree(tiny_gqa.mlx_path, folder)
+    t = folder / "chat_template.jinja"
+    t.write_text(t.read_text().replace("You are a helpful assistant.", "You are a pirate."))
+    with pytest.raises(ListenError, match="prompt format"):
+        parity(bundle_fp32, folder, progress=False)
+
+
+def test_unknown_future_quantities_are_ignored(tiny_gqa, bundle_fp32, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    newer = tmp_path / "newer"
+    shutil.copytree(bundle_fp32, newer)
+    m = json.loads((newer / "manifest.json").read_text())
+    m["items"][0]["quantities"].append("some_future_quantity")
+    (newer / "manifest.json").write_text(json.dumps(m))
+    t = load_file(str(newer / "tensors.safetensors"))
+    t["item0.some_future_quantity"] = np.zeros(3, np.float32)
+    save_file(t, str(newer / "tensors.safetensors"))
+    report = parity(newer, tiny_gqa.mlx_path, progress=False)
+    assert report.ok and report.unchecked == ["some_future_quantity"]
