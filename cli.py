@@ -51,7 +51,8 @@ def main():
 @click.argument("args", nargs=-1, required=True, metavar="CLIP... QUESTION")
 @click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True,
               help="MLX or HF model folder, or a Hugging Face repo id.")
-@click.option("--max-tokens", "-m", default=256, show_default=True, help="Most tokens to generate.")
+@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most tokens to generate.")
 @click.option("--temp", "--temperature", "temp", default=0.0, show_default=True,
               help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=0.0, show_default=True, help="Nucleus sampling (0: off).")
@@ -113,7 +114,8 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
               help="Cast weights (default: keep the checkpoint's dtype).")
 @click.option("-q", "--quantize", is_flag=True, help="Quantise the language model (affine).")
 @click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
-@click.option("--q-group-size", type=int, default=64, show_default=True)
+@click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
+              help="Weights per quantisation group (the sizes MLX supports).")
 @click.option("--force", is_flag=True, help="Overwrite an existing output folder.")
 @_friendly
 def convert(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, force):
@@ -121,7 +123,7 @@ def convert(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, force):
     from mlx_listen.convert.convert import convert as run
 
     out = run(hf_path, mlx_path, dtype=dtype, quantize=quantize, q_bits=int(q_bits),
-              q_group_size=q_group_size, force=force)
+              q_group_size=int(q_group_size), force=force)
     click.echo(f"[INFO] Saved the MLX model to {out}", err=True)
 
 

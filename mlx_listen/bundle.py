@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .mmau import file_sha256 as sha256_file  # noqa: F401  (re-exported for the reference side)
+
 FORMAT = "mlx-listen-reference"
 VERSION = 1
 MANIFEST, TENSORS = "manifest.json", "tensors.safetensors"
@@ -51,14 +53,6 @@ def sketch_matrix(dim: int) -> np.ndarray:
 def sketch(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float32)
     return x @ sketch_matrix(x.shape[-1])
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def config_hash(config: dict) -> str:

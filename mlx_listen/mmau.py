@@ -193,15 +193,13 @@ class Report:
     unparsed: int | None = None
     items: list = field(default_factory=list)  # per-item {id, task, ..., correct}
 
-    def _acc(self, groups: dict) -> dict:
-        return {"overall": groups["overall"].accuracy} | {g.name: g.accuracy for g in self.tables["task"]}
-
     def to_dict(self) -> dict:
         lo, hi = wilson(self.overall.correct, self.overall.n)
         return {
             "n": self.overall.n, "correct": self.overall.correct, "skipped": self.skipped,
             "unparsed": self.unparsed, "scorer": "mmau-official-string-match",
-            "accuracy": self._acc({"overall": self.overall}), "ci95": [lo, hi],
+            "accuracy": {"overall": self.overall.accuracy} | {g.name: g.accuracy for g in self.tables["task"]},
+            "ci95": [lo, hi],
             "tables": {k: [g.to_dict() for g in v] for k, v in self.tables.items()},
             "always_first": {k: g.accuracy for k, g in self.always_first.items()}
             | {"table": [g.to_dict() for g in self.always_first.values()]},
@@ -256,7 +254,9 @@ def score(items, key: str = "model_output", *, extract: bool = False, raw_key: s
     - Items without `key` are skipped (counted in `skipped`), like the official script.
     - extract=True applies `extract_answer` to the prediction first (for raw model text).
     - Unparsed count: from each item's `parsed` flag, else from `extract_answer(item[raw_key])`,
-      else (with extract=True) from the prediction itself; None when no item tells.
+      else (with extract=True) from the prediction itself; counted over the items that tell,
+      None when none does.
+    - A null prediction scores as wrong (the official script would crash on it).
     """
     overall = Group("overall")
     tables = {"task": {t: Group(t) for t in TASKS}, "difficulty": {d: Group(d) for d in DIFFICULTIES},
@@ -272,11 +272,11 @@ def score(items, key: str = "model_output", *, extract: bool = False, raw_key: s
             raise ListenError(f"item {item.get('id')}: task {task!r} / difficulty {diff!r} unknown")
         pred = item[key] if item[key] is not None else ""  # null output: wrong, not a crash
         parsed = item.get("parsed")
+        if parsed is None and isinstance(item.get(raw_key), str):
+            parsed = extract_answer(item[raw_key])[1]
         if extract:
             pred, ok = extract_answer(pred)
             parsed = ok if parsed is None else parsed
-        if parsed is None and isinstance(item.get(raw_key), str):
-            parsed = extract_answer(item[raw_key])[1]
         if parsed is not None:
             known += 1
             unparsed += not parsed

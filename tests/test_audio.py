@@ -1,5 +1,6 @@
 """Audio front end vs transformers' WhisperFeatureExtractor (torch path), the Qwen2-Audio processor's reference."""
 
+import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
@@ -70,7 +71,7 @@ def test_log_mel_matches_hf(fe, name):
     audio = SIGNALS[name]()
     ref, _ = hf(fe, audio)
     mel = A.log_mel(audio)
-    assert mel.shape == (128, 3000) and mel.dtype == A.mx.float32
+    assert mel.shape == (128, 3000) and mel.dtype == mx.float32
     got = np.array(mel)
     err = np.abs(got - ref)
     print(f"{name}: max {err.max():.2e} p99.9 {np.quantile(err, 0.999):.2e} mean {err.mean():.1e}")
