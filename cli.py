@@ -128,6 +128,123 @@ def convert(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, force):
 
 
 @main.command()
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--model", "-M", default=None, help="MLX or HF folder or repo id (default: the bundle's model).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object.")
+@_friendly
+def parity(bundle, model, as_json):
+    """Check an MLX model against a reference BUNDLE from `mlx-listen-reference` (exit 0 only if all pass)."""
+    from mlx_listen.parity import parity as run
+
+    report = run(bundle, model, progress=not as_json)
+    click.echo(json.dumps(report.to_dict()) if as_json else report.table())
+    sys.exit(0 if report.ok else 1)
+
+
+@main.group(invoke_without_command=True)
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), help="MMAU-format JSON (test-mini).")
+@click.option("--audio-dir", type=click.Path(exists=True, file_okay=False),
+              help="Folder the items' audio_id paths are relative to.")
+@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True, help="MLX or HF folder, or a repo id.")
+@click.option("--out", type=click.Path(file_okay=False), help="Run folder (resumable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N items (after --task).")
+@click.option("--task", "tasks", default="sound,music,speech", show_default=True, help="Comma-separated tasks.")
+@click.option("--prompt", default="r1-aqa", show_default=True,
+              type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]), help="Prompt preset (shared/design/mmau.md §7).")
+@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--skip-missing", is_flag=True, help="Go on without items whose audio file is missing.")
+@click.pass_context
+@_friendly
+def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, skip_missing):  # noqa: A001
+    """Evaluate on MMAU (greedy, official scoring); rerun the same command to resume.
+
+    \b
+    mlx-listen eval --data mmau-test-mini.json --audio-dir MMAU --out runs/base
+    mlx-listen eval score runs/base/predictions.jsonl --data other-version.json
+    mlx-listen eval compare runs/base runs/steered
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    missing = [n for n, v in (("--data", data), ("--audio-dir", audio_dir), ("--out", out)) if not v]
+    if missing:
+        raise click.UsageError(f"missing {', '.join(missing)} (or use a subcommand: score, compare)")
+    from pathlib import Path
+
+    from mlx_listen.evaluate import EvalSpec, run_eval
+
+    task_list = tuple(t.strip() for t in tasks.split(",") if t.strip())
+    bad = [t for t in task_list if t not in ("sound", "music", "speech")]
+    if bad or not task_list:
+        raise click.BadParameter(f"unknown task {', '.join(bad) or '(none)'}", param_hint="--task")
+    spec = EvalSpec(Path(data), Path(audio_dir), model, Path(out), limit=limit, tasks=task_list,
+                    prompt=prompt, max_tokens=max_tokens, skip_missing=skip_missing)
+    for name, report in run_eval(spec).items():
+        click.echo(f"== {name}: {spec.out if name == 'base' else spec.out / name}")
+        click.echo(report.table())
+
+
+@eval.command("score")
+@click.argument("file", type=click.Path(exists=True))
+@click.option("--data", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Score against this answer key instead (matched by id), e.g. the other MMAU version.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--official", is_flag=True, help="Print exactly the official evaluation.py layout.")
+@_friendly
+def eval_score(file, data, as_json, official):
+    """Re-score a predictions FILE (our JSONL or the official JSON array) without a model."""
+    from pathlib import Path
+
+    from mlx_listen import mmau
+    from mlx_listen.evaluate import read_predictions, rekey
+
+    rows = read_predictions(Path(file))
+    if data:
+        rows = rekey(rows, Path(data))
+    report = mmau.score(rows, raw_key="raw_output")
+    click.echo(json.dumps(report.to_dict()) if as_json else report.official_text() if official else report.table())
+
+
+@eval.command("compare")
+@click.argument("run_a", type=click.Path(exists=True))
+@click.argument("run_b", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_friendly
+def eval_compare(run_a, run_b, as_json):
+    """Paired comparison of two runs (or predictions files): accuracy, flips, McNemar's exact p."""
+    from pathlib import Path
+
+    from mlx_listen import mmau
+    from mlx_listen.evaluate import read_predictions
+
+    res = mmau.compare(read_predictions(Path(run_a)), read_predictions(Path(run_b)))
+    if as_json:
+        click.echo(json.dumps(res))
+        return
+    click.echo(f"A = {run_a}\nB = {run_b}\n{res['n']} paired items")
+    click.echo(f"{'':<8} {'n':>5} {'A':>7} {'B':>7} {'wrong->right':>13} {'right->wrong':>13} {'McNemar p':>10}")
+    for k in ("overall", "sound", "music", "speech"):
+        r = res[k]
+        if r["n"]:
+            click.echo(f"{k:<8} {r['n']:>5} {r['a']:>7.2%} {r['b']:>7.2%} {r['wrong_to_right']:>13} "
+                       f"{r['right_to_wrong']:>13} {r['p_mcnemar']:>10.4g}")
+
+
+@main.command("make-demo-set")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--per-kind", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Items per kind of question.")
+@click.option("--seed", default=0, show_default=True)
+@_friendly
+def make_demo_set(out_dir, per_kind, seed):
+    """Write a small synthetic MMAU-format set (WAV clips + demo.json) to smoke-test `eval` offline."""
+    from mlx_listen.demo_set import make_demo_set as make
+
+    path = make(out_dir, n_per_kind=per_kind, seed=seed)
+    click.echo(f"[INFO] Wrote {path}; run: mlx-listen eval --data {path} --audio-dir {out_dir} --out RUN_DIR",
+               err=True)
+
+
+@main.command()
 def version():
     """Print the versions of mlx-listen, mlx and mlx-lm."""
     click.echo(_versions())

@@ -73,6 +73,7 @@ def run(model, processor, clips: Sequence[np.ndarray], question: str, system: st
     import torch
 
     inputs = hf_inputs(processor, clips, question, system).to(model.device)
+    features = inputs["input_features"].float().cpu().numpy()  # the extractor's fp32 output
     inputs["input_features"] = inputs["input_features"].to(model.dtype)
     lm = model.model.language_model
     grabbed: dict[str, object] = {}
@@ -101,7 +102,7 @@ def run(model, processor, clips: Sequence[np.ndarray], question: str, system: st
 
     res = {
         "input_ids": inputs["input_ids"][0].cpu().numpy(),
-        "input_features": inputs["input_features"].float().cpu().numpy(),
+        "input_features": features,
         "feature_attention_mask": inputs["feature_attention_mask"].cpu().numpy(),
         "encoder": valid(grabbed["encoder"]),
         "projector": valid(grabbed["projector"]),

@@ -62,7 +62,10 @@ def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
         try:
             if last:  # no newline after it: the write did not finish
                 raise ValueError("unterminated")
-            rows.append(json.loads(line))
+            row = json.loads(line)
+            if not isinstance(row, dict) or "id" not in row:
+                raise ValueError("not a prediction object")
+            rows.append(row)
             good += len(line) + 1
         except ValueError:
             if not last and any(x.strip() for x in lines[k + 1:]):
@@ -107,13 +110,42 @@ def condition_dir(out: Path, cond: Condition) -> Path:
     return out if cond.name == "base" else out / cond.name
 
 
+def audio_problem(path: Path) -> str | None:
+    """Why `path` cannot be evaluated (missing, unreadable, empty), or None. Reads the header only."""
+    import soundfile as sf
+
+    if not path.is_file():
+        return "missing"
+    try:
+        info = sf.info(str(path))
+    except Exception as e:  # LibsndfileError/RuntimeError/TypeError, depending on the failure
+        return f"unreadable ({str(e).removeprefix(f'Error opening {str(path)!r}: ')})"
+    if info.frames == 0:
+        return "no audio samples"
+    return None
+
+
 def select_items(spec: EvalSpec) -> tuple[list[dict], list[str]]:
-    """The items to run (task filter, then limit) and the ones whose audio is missing."""
+    """The items to run (task filter, then limit) and the audio_ids of the ones whose audio is
+    missing or unreadable (each checked up front, so a bad file stops nothing halfway)."""
+    items = _select(spec)
+    return items, [a for a, _ in _problems(spec, items)]
+
+
+def _select(spec: EvalSpec) -> list[dict]:
     items = [it for it in mmau.load_items(spec.data) if it["task"] in spec.tasks]
-    if spec.limit is not None:
-        items = items[: spec.limit]
-    missing = [it["audio_id"] for it in items if not (spec.audio_dir / it["audio_id"]).is_file()]
-    return items, missing
+    return items[: spec.limit] if spec.limit is not None else items
+
+
+def _problems(spec: EvalSpec, items: list[dict]) -> list[tuple[str, str]]:
+    out, seen = [], {}
+    for it in items:
+        a = it["audio_id"]
+        if a not in seen:  # one entry per file, though several items may share it
+            seen[a] = audio_problem(spec.audio_dir / a)
+            if seen[a] is not None:
+                out.append((a, seen[a]))
+    return out
 
 
 def identity(spec: EvalSpec) -> dict:
@@ -145,10 +177,13 @@ def done_ids(cdir: Path, repair: bool) -> set[str]:
     return ids
 
 
-def prediction_row(item: dict, ans, cond: Condition, seconds: dict) -> dict:
+def prediction_row(item: dict, ans, cond: Condition, seconds: dict, *, prompt: str | None = None,
+                   rank: int | None = None) -> dict:
     extracted, parsed = mmau.extract_answer(ans.text)
     return {
         **item,
+        **({"prompt": prompt} if prompt is not None else {}),  # the preset name
+        **({"rank": rank} if rank is not None else {}),       # the process that answered
         "model_output": extracted,       # what the official scorer reads
         "model_prediction": extracted,   # the key older copies of the scorer (and R1-AQA) read
         "raw_output": ans.text,
@@ -178,11 +213,15 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
     spec.prompt = mmau.ALIASES.get(spec.prompt, spec.prompt)
     if spec.prompt not in mmau.PROMPTS:
         raise ListenError(f"unknown prompt preset {spec.prompt!r} (choose from {', '.join(mmau.PROMPTS)})")
-    items, missing = select_items(spec)
+    items = _select(spec)
+    problems = _problems(spec, items)
+    missing = [a for a, _ in problems]
     if missing and not spec.skip_missing:
-        shown = "\n  ".join(missing[:10]) + (f"\n  … and {len(missing) - 10} more" if len(missing) > 10 else "")
-        raise ListenError(f"{len(missing)} of {len(items)} audio files are missing under {spec.audio_dir}:\n  {shown}\n"
-                          "Pass --skip-missing to evaluate without them.")
+        n_items = sum(it["audio_id"] in set(missing) for it in items)
+        shown = "\n  ".join(f"{a}: {why}" for a, why in problems[:10])
+        shown += f"\n  … and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ListenError(f"{n_items} of {len(items)} items have missing or unreadable audio under "
+                          f"{spec.audio_dir}:\n  {shown}\nPass --skip-missing to evaluate without them.")
     missing_set = set(missing)
     items = [it for it in items if it["audio_id"] not in missing_set]
     check_run_dir(spec, rank)
@@ -216,7 +255,8 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
             tic = time.perf_counter()
             ans = cond.answer(model, processor, prompt, spec.max_tokens)
             row = prediction_row(item, ans, cond, {"audio_load": load_s, "encoder": prompt.encode_seconds,
-                                                   "answer": time.perf_counter() - tic})
+                                                   "answer": time.perf_counter() - tic},
+                                 prompt=spec.prompt, rank=rank)
             append_jsonl(condition_dir(spec.out, cond) / f"predictions{suffix}.jsonl", row)
     _barrier(group)
     if rank != 0:

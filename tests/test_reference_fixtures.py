@@ -1,0 +1,69 @@
+"""The MLX port against reference bundles recorded by transformers on CUDA (committed under
+tests/data/reference, made by `mlx-listen-reference` on an NVIDIA H200 from the same tiny
+checkpoints these fixtures build). Where no committed bundle exists, the same check runs
+against a bundle recorded here on CPU, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import soundfile as sf
+from conftest import SR, VARIANTS, _tiny, tone
+
+from mlx_listen.bundle import load_bundle
+from mlx_listen.parity import parity
+
+HERE = Path(__file__).parent / "data" / "reference"
+
+
+def committed(variant: str) -> list[Path]:
+    return sorted(p for p in HERE.glob(f"{variant}-*") if (p / "manifest.json").exists())
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def bundles(request, tiny_root, tmp_path_factory):
+    tiny = _tiny(request, tiny_root, request.param)
+    found = committed(request.param)
+    if not found:
+        from mlx_listen.convert.reference_run import make_bundle, read_items
+
+        d = tmp_path_factory.mktemp(f"cpu-{request.param}")
+        sf.write(d / "a.flac", tone(2.5), SR)
+        (d / "items.json").write_text(json.dumps([{"audio": "a.flac", "question": "What is this sound?"}]))
+        found = [make_bundle(str(tiny.hf_path), read_items(d / "items.json", None), d / f"{request.param}-cpu-fp32",
+                             drift=True, device="cpu", progress=False)]
+        warnings.warn(f"no committed CUDA bundle for {request.param}: checked against a CPU-made one")
+    return tiny, found
+
+
+def test_mlx_matches_recorded_reference(bundles, tmp_path):
+    from mlx_listen.convert.convert import convert
+
+    tiny, paths = bundles
+    bf16 = None
+    for path in paths:
+        manifest = load_bundle(path).manifest
+        device = manifest["device"]
+        print(f"{path.name}: recorded on {device['type']} ({device.get('name')}), torch "
+              f"{manifest['software']['torch']}, transformers {manifest['software']['transformers']}")
+        if manifest["dtype"] == "float32":
+            report = parity(path, tiny.mlx_path, progress=False)
+            assert report.mode.startswith("MLX float32 vs reference float32")
+        else:  # a bf16 reference: judge the bf16 MLX model
+            bf16 = bf16 or convert(str(tiny.hf_path), str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+            report = parity(path, bf16, progress=False)
+        print(report.table())
+        assert report.ok, report.table()
+        logits = [r for r in report.rows if r.quantity == "logits_last"]
+        if manifest["dtype"] == "float32":
+            assert all(r.max_abs < 1e-4 for r in logits)
+            assert all(r.note == "identical" for r in report.rows if r.quantity == "greedy_tokens")
+            if manifest.get("drift_dtype") == "bfloat16":  # the bf16 MLX model within 2x HF's own drift
+                bf16 = bf16 or convert(str(tiny.hf_path), str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
+                drift = parity(path, bf16, progress=False)
+                print(drift.table())
+                assert drift.ok and "HF drift" in next(r.limit for r in drift.rows if r.quantity == "logits_last")
