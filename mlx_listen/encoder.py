@@ -23,14 +23,16 @@ def conv_length(n_frames: int) -> int:
 
 
 class EncoderAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int):
+    def __init__(self, dim: int, n_heads: int, index: int = 0):
         super().__init__()
+        self.index = index
         self.n_heads = n_heads
         self.scaling = (dim // n_heads) ** -0.5
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
+        self.probes: list = []  # probe(attn, q, k, mask), as in the decoder (capture.py)
 
     def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
         B, L, D = x.shape
@@ -39,15 +41,19 @@ class EncoderAttention(nn.Module):
         q = (self.q_proj(x) * self.scaling).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        for probe in self.probes:
+            probe(self, q, k, mask)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: AudioConfig):
+    def __init__(self, cfg: AudioConfig, index: int = 0):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = EncoderAttention(d, cfg.encoder_attention_heads)
+        self.index = index
+        self.hooks: list = []  # hook(layer, h) -> h on the block output, as in the decoder
+        self.self_attn = EncoderAttention(d, cfg.encoder_attention_heads, index)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
@@ -59,6 +65,8 @@ class EncoderLayer(nn.Module):
         if x.dtype == mx.float16:  # HF's fp16-only overflow guard
             c = float(mx.finfo(mx.float16).max) - 1000
             x = mx.clip(x, -c, c)
+        for hook in self.hooks:
+            x = hook(self, x)
         return x
 
 
@@ -72,7 +80,7 @@ class AudioEncoder(nn.Module):
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
-        self.layers = [EncoderLayer(cfg) for _ in range(cfg.encoder_layers)]
+        self.layers = [EncoderLayer(cfg, i) for i in range(cfg.encoder_layers)]
         self.layer_norm = nn.LayerNorm(d, eps=1e-5)
 
     def __call__(self, mel: mx.array, n_frames: int | None = None, *, padded: bool = False):

@@ -1,17 +1,18 @@
 """The Qwen2 decoder (`language_model`), in mlx-lm's shape with HF's weight names.
 
-It is mlx-lm's qwen2 written out so that two interpretability hooks live inside it at no cost
-when unused:
-- `Attention.probe`: called with the post-RoPE queries and the cached keys of a layer, so
-  head-level statistics (e.g. attention mass on the audio span at the last query) can be
-  reduced inside the forward pass while the fused attention kernel still computes the output;
-- `DecoderLayer.steer`: a function applied to the block output (the residual stream).
-Both are `None` by default; the forward pass then is mlx-lm's, op for op.
+It is mlx-lm's qwen2 written out so that two kinds of interpretability hook live inside it, at
+no cost when unused (see `capture.py` and `steering.py`):
+- `Attention.probes`: each is called as `probe(attn, q, k, mask)` with the post-RoPE queries
+  and the cached keys, so head-level statistics (attention mass on the audio span at the last
+  query) are reduced inside the forward pass while the fused kernel still computes the output;
+- `DecoderLayer.hooks`: each maps the block output (the residual stream) `h -> hook(layer, h)`,
+  to record it or to edit it (steering), in the order they were added.
+Both lists are empty by default; the forward pass then is mlx-lm's, op for op.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -20,7 +21,8 @@ from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attenti
 
 from .config import TextConfig
 
-Probe = Callable[[int, mx.array, mx.array, Any], None]
+Probe = Callable[[Any, mx.array, mx.array, Any], None]
+Hook = Callable[[Any, mx.array], mx.array]
 
 
 class Attention(nn.Module):
@@ -36,7 +38,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, self.n_kv_heads * hd, bias=True)
         self.o_proj = nn.Linear(self.n_heads * hd, dim, bias=False)
         self.rope = nn.RoPE(hd, traditional=False, base=cfg.rope_theta)
-        self.probe: Optional[Probe] = None
+        self.probes: list[Probe] = []
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         B, L, _ = x.shape
@@ -48,8 +50,8 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        if self.probe is not None:
-            self.probe(self.index, q, k, mask)
+        for probe in self.probes:
+            probe(self, q, k, mask)
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
@@ -68,17 +70,18 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, index: int):
         super().__init__()
+        self.index = index
         self.self_attn = Attention(cfg, index)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
         self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.steer: Optional[Callable[[mx.array], mx.array]] = None
+        self.hooks: list[Hook] = []
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         h = x + self.self_attn(self.input_layernorm(x), mask, cache)
         out = h + self.mlp(self.post_attention_layernorm(h))
-        if self.steer is not None:
-            out = self.steer(out)
+        for hook in self.hooks:
+            out = hook(self, out)
         return out
 
 
@@ -91,16 +94,13 @@ class Qwen2Model(nn.Module):
         self.layers = [DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def __call__(self, inputs, cache=None, input_embeddings=None, hidden_states=None):
-        """`hidden_states`, when a list, receives each layer's output (`hook_resid_post`)."""
+    def __call__(self, inputs, cache=None, input_embeddings=None):
         h = input_embeddings if input_embeddings is not None else self.embed_tokens(inputs)
         if cache is None:
             cache = [None] * len(self.layers)
         mask = create_attention_mask(h, cache[0])
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, c)
-            if hidden_states is not None:
-                hidden_states.append(h)
         return self.norm(h)
 
 
@@ -114,8 +114,8 @@ class LanguageModel(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def __call__(self, inputs, cache=None, input_embeddings=None, hidden_states=None):
-        out = self.model(inputs, cache, input_embeddings, hidden_states)
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        out = self.model(inputs, cache, input_embeddings)
         if self.config.tie_word_embeddings:
             return self.model.embed_tokens.as_linear(out)
         return self.lm_head(out)

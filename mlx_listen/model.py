@@ -41,8 +41,8 @@ class Model(nn.Module):
         self.language_model = LanguageModel(config.text_config)
 
     # -- mlx-lm model contract ---------------------------------------------------------------
-    def __call__(self, inputs, cache=None, input_embeddings=None, hidden_states=None):
-        return self.language_model(inputs, cache, input_embeddings, hidden_states)
+    def __call__(self, inputs, cache=None, input_embeddings=None):
+        return self.language_model(inputs, cache, input_embeddings)
 
     @property
     def layers(self):

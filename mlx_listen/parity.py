@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import audio_features, load_audio
+from .capture import run_with_cache
 from .bundle import FINGERPRINT_SLICES, Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
 from .errors import ListenError
 from .generate import generate, prepare
@@ -139,8 +140,7 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
     prompt = prepare(model, processor, [feats], item["question"], item.get("system"))
     enc = model.audio_tower(feats.mel, feats.n_frames)
     proj = model.multi_modal_projector(enc)
-    hidden: list = []
-    logits = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None], hidden_states=hidden)
+    logits, cap = run_with_cache(model, prompt, "decoder.blocks.*.hook_resid_post")
     f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
     out = {
         "input_ids": np.array(prompt.ids, np.int32),
@@ -148,7 +148,7 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         "features": f32(feats.mel[:, : feats.n_frames]),
         "encoder_sketch": sketch(f32(enc)), "encoder_norms": np.linalg.norm(f32(enc), axis=-1),
         "projector_sketch": sketch(f32(proj)), "projector_norms": np.linalg.norm(f32(proj), axis=-1),
-        "hidden_last": np.stack([f32(h[0, -1]) for h in hidden]),
+        "hidden_last": np.stack([f32(cap.resid(l)) for l in range(len(model.layers))]),
         "logits_last": f32(logits[0, -1]),
     }
     if max_new_tokens:

@@ -166,7 +166,7 @@ def test_eval_writes_predictions_summary_and_table(demo, tiny_gqa, full_run):
         assert r["model_prediction"] == r["model_output"]
         assert r["audio_tokens"] > 0 and r["prompt_tokens"] > r["audio_tokens"]
         assert 1 <= r["generation_tokens"] <= MAX_TOKENS
-        assert set(r["seconds"]) == {"audio_load", "encoder", "prefill", "decode", "answer"}
+        assert set(r["seconds"]) == {"audio_load", "features", "encoder", "prefill", "decode", "answer"}
         assert all(v >= 0 for v in r["seconds"].values()) and r["seconds"]["encoder"] > 0
         if i % 3 == 0:
             assert (r["model_output"], r["parsed"], r["correct"]) == (it["answer"], True, True)
@@ -195,9 +195,10 @@ def test_eval_writes_predictions_summary_and_table(demo, tiny_gqa, full_run):
     assert (summary["missing_audio"], summary["n_missing_audio"]) == ([], 0)
     assert {"mlx_listen", "mlx", "mlx_lm", "python"} <= set(summary["versions"])
     timing = summary["timing"]
-    for k in ("audio_load", "encoder", "prefill", "decode", "answer"):
+    for k in ("audio_load", "features", "encoder", "prefill", "decode", "answer"):
         assert timing["total_s"][k] == pytest.approx(sum(r["seconds"][k] for r in rows), abs=1e-3)
-    assert timing["items_per_s"] > 0
+    busy = sum(timing["total_s"][k] for k in ("audio_load", "features", "encoder", "answer"))
+    assert timing["items_per_s"] == pytest.approx(N_DEMO / busy, rel=1e-3)
 
     # summary == a re-score of predictions.json by the library == `eval score --json` on both files
     rescored = mmau.score(official).to_dict()

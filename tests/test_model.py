@@ -8,6 +8,7 @@ import pytest
 from conftest import SR, tone
 
 from mlx_listen.audio import audio_features
+from mlx_listen.capture import RESID, run_with_cache
 from mlx_listen.generate import generate, prepare
 
 # fp32 tolerances. Measured on these fixtures: logits ≈ 5e-6, hidden states ≈ 2e-6.
@@ -31,8 +32,8 @@ def mlx_stages(model, processor, clips, question="What is this sound?", features
     prompt = prepare(model, processor, feats, question)
     enc = [model.audio_tower(f.mel, f.n_frames) for f in feats]
     proj = [model.multi_modal_projector(e) for e in enc]
-    hidden = []
-    logits = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None], hidden_states=hidden)
+    logits, cap = run_with_cache(model, prompt, "decoder.blocks.*.hook_resid_post")
+    hidden = [cap.cache[RESID.format(i)][0] for i in range(len(model.layers))]
     f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731  (numpy has no bfloat16)
     return {
         "input_ids": np.array(prompt.ids),
