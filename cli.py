@@ -64,8 +64,12 @@ def main():
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON object with the answer and statistics as the last line.")
 @click.option("--quiet", "-q", is_flag=True, help="No streamed text or statistics; just the answer.")
+@click.option("--listen", is_flag=True, help="Also print the listening score (needs --heads).")
+@click.option("--heads", "heads_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="HEADS.json from `mlx-listen heads`.")
 @_friendly
-def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, system, as_json, quiet):
+def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, system, as_json, quiet,
+        listen, heads_path):
     """Ask QUESTION about one or more audio CLIPs (wav, flac, ogg, mp3; any rate; any channels).
 
     \b
@@ -79,17 +83,30 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
     from mlx_listen.generate import generate, prepare
     from mlx_listen.load import load
 
+    if listen and not heads_path:
+        raise click.UsageError("--listen needs --heads HEADS.json (from `mlx-listen heads`)")
+    from mlx_listen.heads import HeadSet
+
+    heads = HeadSet.load(heads_path) if listen else None
     feats = [audio_features(load_audio(c), c) for c in clips]  # bad audio fails before the model loads
     mdl, processor = load(model)
+    if heads:
+        heads.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
     prompt = prepare(mdl, processor, feats, question, system)
     stream = not quiet
     if stream:
         click.echo("=" * 10)
-    answer = generate(
-        mdl, processor, prompt, on_text=(lambda s: click.echo(s, nl=False)) if stream else None,
-        max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
-        repetition_penalty=repetition_penalty, seed=seed,
-    )
+    from contextlib import nullcontext
+
+    from mlx_listen.capture import AUDIO_MASS, Capture
+
+    with Capture(mdl, AUDIO_MASS.format("*"), prompt.audio_positions) if heads else nullcontext() as cap:
+        answer = generate(
+            mdl, processor, prompt, on_text=(lambda s: click.echo(s, nl=False)) if stream else None,
+            max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+            repetition_penalty=repetition_penalty, seed=seed,
+        )
+    listening = heads.listening(cap.audio_mass(len(prompt.ids) - 1)) if heads else None
     if stream:
         click.echo()
         click.echo("=" * 10)
@@ -103,8 +120,11 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
         print(f"Generation: {answer.generation_tokens} tokens, {answer.generation_tps:.3f} tokens-per-sec",
               file=err)
         print(f"Peak memory: {answer.peak_memory:.3f} GB", file=err)
+    if heads:
+        print(f"Listening: {listening:.4f} (mean audio attention of {len(heads.heads)} heads at the last prompt "
+              "token)", file=sys.stderr)
     if as_json:
-        click.echo(json.dumps(answer.to_json()))
+        click.echo(json.dumps({**answer.to_json(), **({"listening": listening} if heads else {})}))
 
 
 @main.command()
@@ -242,6 +262,149 @@ def make_demo_set(out_dir, per_kind, seed):
     path = make(out_dir, n_per_kind=per_kind, seed=seed)
     click.echo(f"[INFO] Wrote {path}; run: mlx-listen eval --data {path} --audio-dir {out_dir} --out RUN_DIR",
                err=True)
+
+
+@main.command()
+@click.argument("clip", type=click.Path())
+@click.argument("question")
+@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True, help="MLX or HF folder, or a repo id.")
+@click.option("--json", "json_out", required=True, type=click.Path(dir_okay=False), help="Write the result here.")
+@click.option("--heads", "heads_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="HEADS.json: also compute the listening score.")
+@click.option("--png", type=click.Path(dir_okay=False), default=None, help="Draw the layers x heads heatmap.")
+@click.option("--system", default=None, help="System prompt.")
+@_friendly
+def attention(clip, question, model, json_out, heads_path, png, system):
+    """Per layer and head, the attention mass on the audio at the last prompt token."""
+    from pathlib import Path
+
+    from mlx_listen.audio import audio_features, load_audio
+    from mlx_listen.capture import AUDIO_MASS, run_with_cache
+    from mlx_listen.generate import prepare
+    from mlx_listen.heads import HeadSet
+    from mlx_listen.load import load
+
+    feats = audio_features(load_audio(clip), clip)
+    heads = HeadSet.load(heads_path) if heads_path else None
+    mdl, processor = load(model)
+    if heads:
+        heads.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
+    prompt = prepare(mdl, processor, [feats], question, system)
+    _, cap = run_with_cache(mdl, prompt, AUDIO_MASS.format("*"))
+    mass = cap.audio_mass(len(prompt.ids) - 1)
+    out = {"layers": int(mass.shape[0]), "heads": int(mass.shape[1]),
+           "audio_mass": [[round(float(v), 7) for v in row] for row in mass],
+           "listening": heads.listening(mass) if heads else None, "audio_tokens": prompt.n_audio_tokens}
+    Path(json_out).write_text(json.dumps(out))
+    if png:
+        from mlx_listen.plots import heatmap
+
+        heatmap(mass, Path(png), f"Audio attention mass at the last prompt token ({prompt.n_audio_tokens} audio tokens)",
+                "attention mass on audio", marked=heads.heads if heads else ())
+    click.echo(f"[INFO] audio mass of {mass.shape[0]}x{mass.shape[1]} heads written to {json_out}"
+               + (f"; listening score {out['listening']:.4f}" if heads else ""), err=True)
+
+
+@main.command()
+@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True, help="MLX or HF folder, or a repo id.")
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled MMAU-format JSON.")
+@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="HEADS.json to write.")
+@click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Heads to select.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N items.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the random-head control in the plots.")
+@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
+@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
+@_friendly
+def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens):
+    """Find the audio-specialist heads on a calibration set (resumable; rerun to continue).
+
+    Writes HEADS.json, HEADS.csv (every head's score), HEADS.scores.png, HEADS.listening.png and
+    HEADS.items.jsonl (per-item records, what a rerun resumes from).
+    """
+    from pathlib import Path
+
+    from mlx_listen import mmau
+    from mlx_listen.heads import calibrate, find_heads, write_side_files
+    from mlx_listen.load import load
+
+    out = Path(out)
+    items = mmau.load_items(data)[:limit]
+    missing = [it["audio_id"] for it in items if not (Path(audio_dir) / it["audio_id"]).is_file()]
+    if missing:
+        raise ListenError(f"{len(missing)} audio files missing under {audio_dir}, e.g. {missing[0]}")
+    records = out.with_name(out.stem + ".items.jsonl")
+    meta = {"model": model, "data": mmau.file_sha256(data), "prompt": prompt, "seed": seed}
+    _check_records_meta(records, meta)
+    mdl, processor = load(model)
+    rows = calibrate(mdl, processor, items, Path(audio_dir), records, prompt, max_tokens)
+    hs = find_heads(rows, k, meta)
+    hs.save(out)
+    write_side_files(hs, rows, out, seed)
+    click.echo(f"{len(rows)} items, accuracy {hs.meta['accuracy']:.1%}; top {len(hs.heads)} heads (layer, head, r):")
+    for l, h in hs.heads:
+        click.echo(f"  {l:>3} {h:>3}  {hs.scores[l, h]:+.3f}")
+    click.echo(f"[INFO] wrote {out} and its .csv, .scores.png, .listening.png", err=True)
+
+
+def _check_records_meta(records, meta: dict):
+    """A resumable record file belongs to one model/data/prompt: refuse to mix."""
+    side = records.with_suffix(".meta.json")
+    if side.exists():
+        old = json.loads(side.read_text())
+        diff = [k for k in ("model", "data", "prompt") if old.get(k) != meta.get(k)]
+        if diff:
+            raise ListenError(f"{records} was made with other settings ({', '.join(diff)} differ); use another --out")
+    else:
+        records.parent.mkdir(parents=True, exist_ok=True)
+        side.write_text(json.dumps(meta))
+
+
+@main.command("validate-heads")
+@click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True)
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder (resumable).")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--seed", default=0, show_default=True, help="Bootstrap and random-control seed.")
+@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
+@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
+@_friendly
+def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt, max_tokens):
+    """Does the listening score rise when the audio changes the answer? (audio vs equal-length silence)"""
+    from pathlib import Path
+
+    import numpy as np
+
+    from mlx_listen import mmau
+    from mlx_listen.heads import HeadSet, random_heads, validate, validation_records
+    from mlx_listen.load import load
+    from mlx_listen.plots import listening_plot
+
+    out = Path(out)
+    hs = HeadSet.load(heads_path)
+    items = mmau.load_items(data)[:limit]
+    records = out / "items.jsonl"
+    _check_records_meta(records, {"model": model, "data": mmau.file_sha256(data), "prompt": prompt})
+    mdl, processor = load(model)
+    hs.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
+    rows = validation_records(mdl, processor, items, Path(audio_dir), records, prompt, max_tokens)
+    rep = validate(hs, rows, seed)
+    (out / "validation.json").write_text(json.dumps(rep, indent=2))
+    mass = np.array([r["audio_mass"] for r in rows])
+    changed = np.array([r["changed"] for r in rows], bool)
+    rand = HeadSet(random_heads(*mass.shape[1:], len(hs.heads), seed))
+    L = np.array([hs.listening(m) for m in mass])
+    Lr = np.array([rand.listening(m) for m in mass])
+    listening_plot({"selected heads": (L[changed], L[~changed]), "random heads (control)": (Lr[changed], Lr[~changed])},
+                   ("audio changed answer", "unchanged"), out / "validation.png")
+    h = rep["heads"]
+    click.echo(f"{rep['n']} items; the audio changed the answer on {rep['n_changed']}")
+    click.echo(f"listening score: changed {h['mean_changed']}, unchanged {h['mean_unchanged']}, difference "
+               f"{h['difference']} (95% CI {h['difference_ci95']}), AUC {h['auc']:.3f}")
+    click.echo(f"random-head control AUC: {rep['random_auc_mean']:.3f} ± {rep['random_auc_sd']:.3f}")
+    click.echo(f"[INFO] wrote {out / 'validation.json'} and {out / 'validation.png'}", err=True)
 
 
 @main.command()

@@ -48,7 +48,7 @@ def revision_of(path_or_repo) -> str | None:
 
 
 def load_hf(path, dtype: str = "float32", device: str | None = None, attn: str = "sdpa"):
-    """`(model, processor)` from transformers, in eval mode on `device`."""
+    """`attn="eager"` makes `run` also record the per-head attention mass on the audio."""
     import torch
     from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
 
@@ -87,9 +87,10 @@ def run(model, processor, clips: Sequence[np.ndarray], question: str, system: st
     for layer in lm.layers:
         hooks.append(layer.register_forward_hook(
             lambda m, a, o: layer_out.append(o[0] if isinstance(o, tuple) else o)))
+    eager = model.config._attn_implementation == "eager"  # attention weights need eager attention
     try:
         with torch.no_grad():
-            out = model(**inputs)
+            out = model(**inputs, output_attentions=eager)
     finally:
         for h in hooks:
             h.remove()
@@ -109,6 +110,10 @@ def run(model, processor, clips: Sequence[np.ndarray], question: str, system: st
         "hidden_states": torch.stack([h[0] for h in layer_out]).float().cpu().numpy(),
         "logits": out.logits[0].float().cpu().numpy(),
     }
+    if eager:  # per layer and head, the attention mass on the audio at the last prompt position
+        ids = inputs["input_ids"][0]
+        audio = (ids == model.config.audio_token_id).nonzero()[:, 0]
+        res["audio_mass"] = torch.stack([a[0, :, -1, audio].float().sum(-1) for a in out.attentions]).cpu().numpy()
     if max_new_tokens:
         with torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

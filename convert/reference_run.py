@@ -67,7 +67,7 @@ def weight_fingerprint(model) -> dict[str, list[float]]:
     return out
 
 
-def record(model, processor, item, audio, max_new_tokens: int) -> dict[str, np.ndarray]:
+def record(model, processor, item, audio, max_new_tokens: int, heads=None) -> dict[str, np.ndarray]:
     """The bundle quantities of one item (see `mlx_listen.bundle.QUANTITIES`)."""
     from . import reference as R
 
@@ -86,6 +86,10 @@ def record(model, processor, item, audio, max_new_tokens: int) -> dict[str, np.n
         "hidden_last": res["hidden_states"][:, T],
         "logits_last": res["logits"][T],
     }
+    if "audio_mass" in res:
+        out["audio_mass"] = res["audio_mass"]
+        if heads:
+            out["listening"] = np.array([np.mean([res["audio_mass"][l, h] for l, h in heads])])
     if max_new_tokens:
         eos = set(model.generation_config.eos_token_id or [])
         toks = res["greedy_tokens"].tolist()
@@ -95,7 +99,8 @@ def record(model, processor, item, audio, max_new_tokens: int) -> dict[str, np.n
 
 
 def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "float32", device: str | None = None,
-                max_new_tokens: int = 24, drift: bool = False, progress: bool = True) -> Path:
+                max_new_tokens: int = 24, drift: bool = False, progress: bool = True,
+                heads: list[tuple[int, int]] | None = None) -> Path:
     import torch
     import transformers
     from tqdm import tqdm
@@ -105,9 +110,10 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 on Ampere+ GPUs
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    model, processor = R.load_hf(model_path, dtype=dtype, device=device)
+    # Eager attention, so the per-head audio mass can be read from the attention weights.
+    model, processor = R.load_hf(model_path, dtype=dtype, device=device, attn="eager")
     drift_dtype = ("bfloat16" if dtype == "float32" else "float32") if drift else None
-    other = R.load_hf(model_path, dtype=drift_dtype, device=device) if drift else None
+    other = R.load_hf(model_path, dtype=drift_dtype, device=device, attn="eager") if drift else None
     dev = str(model.device)
     config = json.loads((Path(R.resolve_hf(model_path)) / "config.json").read_text())
 
@@ -123,14 +129,15 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
         "dtype": dtype, "drift_dtype": drift_dtype, "attn_implementation": model.config._attn_implementation,
         "prompt_format": "qwen2-audio-chat (processor default template)",
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens}, "seed": 0,
+        "heads": [list(map(int, h)) for h in heads] if heads else None,
         "items": [],
     })
     (out / "audio").mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(tqdm(items, desc="Reference", unit="item", disable=not progress, file=sys.stderr)):
         audio = load_audio(item["path"])
-        q = record(model, processor, item, audio, max_new_tokens)
+        q = record(model, processor, item, audio, max_new_tokens, heads)
         if other is not None:
-            q.update({f"drift.{k}": v for k, v in record(other[0], other[1], item, audio, 0).items()
+            q.update({f"drift.{k}": v for k, v in record(other[0], other[1], item, audio, 0, heads).items()
                       if v.dtype.kind == "f" and k != "features"})
         for k, v in q.items():
             bundle.put(i, k, v)
@@ -159,8 +166,10 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
 @click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
 @click.option("--max-new-tokens", default=24, show_default=True, help="Greedy tokens to record (0: none).")
 @click.option("--drift", is_flag=True, help="Also run the other precision and record HF's own bf16-vs-fp32 drift.")
+@click.option("--heads", "heads_path", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="HEADS.json: also record the listening score over these heads.")
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle folder.")
-def main(model_path, items_path, audio_dir, out, dtype, device, max_new_tokens, drift, force):
+def main(model_path, items_path, audio_dir, out, dtype, device, max_new_tokens, drift, heads_path, force):
     """Record transformers' numbers for each item into a bundle for `mlx-listen parity`."""
     out = Path(out)
     try:
@@ -169,8 +178,9 @@ def main(model_path, items_path, audio_dir, out, dtype, device, max_new_tokens, 
         items = read_items(Path(items_path), Path(audio_dir) if audio_dir else None)
         if out.exists():
             shutil.rmtree(out)
+        heads = [tuple(h) for h in json.loads(Path(heads_path).read_text())["heads"]] if heads_path else None
         path = make_bundle(model_path, items, out, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                           drift=drift)
+                           drift=drift, heads=heads)
     except ListenError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)

@@ -42,6 +42,9 @@ QUANTITIES = {
     "hidden_last": "each decoder layer's output at the last prompt position (n_layers, hidden)",
     "logits_last": "logits at the last prompt position (vocab,)",
     "greedy_tokens": "greedy continuation, eos excluded (int32)",
+    "audio_mass": "per decoder layer and head, attention mass on the <|AUDIO|> positions at the last prompt "
+                  "position (n_layers, n_heads)",
+    "listening": "listening score: mean audio_mass over the manifest's `heads` (1,)",
 }
 
 

@@ -31,8 +31,6 @@ FEATURE_ATOL = 1e-4
 HALF_COSINE = 0.999
 QUANT_COSINE = {8: 0.995, 4: 0.95}
 DRIFT_FACTOR = 2.0
-FLOAT_QUANTITIES = ["features", "encoder_sketch", "encoder_norms", "projector_sketch", "projector_norms",
-                    "hidden_last", "logits_last"]
 
 
 @dataclass
@@ -140,7 +138,9 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
     prompt = prepare(model, processor, [feats], item["question"], item.get("system"))
     enc = model.audio_tower(feats.mel, feats.n_frames)
     proj = model.multi_modal_projector(enc)
-    logits, cap = run_with_cache(model, prompt, "decoder.blocks.*.hook_resid_post")
+    logits, cap = run_with_cache(model, prompt, ["decoder.blocks.*.hook_resid_post",
+                                                 "decoder.blocks.*.attn.hook_audio_mass"])
+    mass = cap.audio_mass(len(prompt.ids) - 1)
     f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
     out = {
         "input_ids": np.array(prompt.ids, np.int32),
@@ -150,7 +150,10 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         "projector_sketch": sketch(f32(proj)), "projector_norms": np.linalg.norm(f32(proj), axis=-1),
         "hidden_last": np.stack([f32(cap.resid(l)) for l in range(len(model.layers))]),
         "logits_last": f32(logits[0, -1]),
+        "audio_mass": mass,
     }
+    if bundle.manifest.get("heads"):
+        out["listening"] = np.array([np.mean([mass[l, h] for l, h in bundle.manifest["heads"]])])
     if max_new_tokens:
         out["greedy_tokens"] = np.array(generate(model, processor, prompt, max_tokens=max_new_tokens).tokens, np.int32)
     return out

@@ -42,7 +42,8 @@ def test_bundle_format(bundle_fp32):
     assert m["drift_dtype"] == "bfloat16" and m["device"]["type"] == "cpu"
     assert {"torch", "transformers"} <= set(m["software"])
     for i, item in enumerate(b.items):
-        assert set(item["quantities"]) - {q for q in item["quantities"] if q.startswith("drift.")} == set(QUANTITIES)
+        assert set(item["quantities"]) - {q for q in item["quantities"] if q.startswith("drift.")} == \
+            set(QUANTITIES) - {"listening"}  # listening needs --heads
         assert b.get(i, "input_ids").size == item["n_prompt_tokens"]
         assert (bundle_fp32 / item["audio"]).exists()
     size = sum(f.stat().st_size for f in bundle_fp32.rglob("*") if f.is_file())
@@ -57,6 +58,23 @@ def test_fp32_parity_passes(tiny_gqa, bundle_fp32):
     assert len(logits) == 2 and all(r.max_abs < 1e-4 for r in logits)
     greedy = [r for r in report.rows if r.quantity == "greedy_tokens"]
     assert all(r.note == "identical" for r in greedy)
+
+
+def test_audio_mass_and_listening_in_bundle(tiny_gqa, items, tmp_path):
+    """With --heads the bundle records the listening score; parity checks it and the audio mass."""
+    from mlx_listen.convert.reference_run import make_bundle, read_items
+
+    heads = [(0, 1), (1, 3), (1, 0)]
+    path = make_bundle(str(tiny_gqa.hf_path), read_items(items, None), tmp_path / "h", max_new_tokens=0,
+                       progress=False, heads=heads)
+    b = load_bundle(path)
+    assert b.manifest["heads"] == [list(h) for h in heads]
+    mass = b.get(0, "audio_mass")
+    assert mass.shape == (2, 4) and np.isclose(b.get(0, "listening")[0], np.mean([mass[l, h] for l, h in heads]))
+    report = parity(path, tiny_gqa.mlx_path, progress=False)
+    assert report.ok, report.table()
+    rows = {r.quantity: r for r in report.rows}
+    assert rows["audio_mass"].max_abs < 1e-5 and rows["listening"].max_abs < 1e-5
 
 
 def test_bf16_model_judged_against_hf_drift(tiny_gqa, bundle_fp32, tmp_path):
