@@ -119,3 +119,64 @@ def run(model, processor, clips: Sequence[np.ndarray], question: str, system: st
             gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         res["greedy_tokens"] = gen[0, inputs["input_ids"].shape[1]:].cpu().numpy()
     return res
+
+
+def run_steered(model, processor, clips: Sequence[np.ndarray], question: str, system: str | None = None, *,
+                layers: Sequence[int], alpha: float, at: str = "all", max_new_tokens: int = 0) -> dict[str, np.ndarray]:
+    """Audio–silence steering in PyTorch (forward hooks), the reference for `mlx_listen.steering`.
+
+    d = mean over `layers` of (block output with the audio - with equal-length digital silence) at
+    the last prompt position, in float32; α·d is added to the last decoder block's output at the
+    last position of every forward call (`at="all"`: the prompt's last position, then each
+    generated token) or of the first call only (`at="prompt"`).
+    """
+    import torch
+
+    lm = model.model.language_model
+
+    def block_outputs(inputs) -> dict[int, "torch.Tensor"]:
+        got, hooks = {}, []
+        for l in layers:
+            hooks.append(lm.layers[l].register_forward_hook(
+                lambda m, a, o, l=l: got.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0, -1].float())))
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return got
+
+    def prepared(audio):
+        inputs = hf_inputs(processor, audio, question, system).to(model.device)
+        inputs["input_features"] = inputs["input_features"].to(model.dtype)
+        return inputs
+
+    inputs = prepared(list(clips))
+    silent = prepared([np.zeros_like(c) for c in clips])
+    assert torch.equal(inputs["input_ids"], silent["input_ids"]), "silence changed the prompt"
+    a, s = block_outputs(inputs), block_outputs(silent)
+    d = torch.stack([a[l] - s[l] for l in layers]).mean(0)
+    calls = {"n": 0}
+
+    def steer(module, args, output):
+        calls["n"] += 1
+        if at == "prompt" and calls["n"] > 1:
+            return output
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        h[:, -1] += (alpha * d).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    hook = lm.layers[-1].register_forward_hook(steer)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].float().cpu().numpy()
+            res = {"steer_direction": d.cpu().numpy(), "steered_logits_last": logits}
+            if max_new_tokens:
+                calls["n"] = 0
+                gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                res["steered_greedy_tokens"] = gen[0, inputs["input_ids"].shape[1]:].cpu().numpy()
+    finally:
+        hook.remove()
+    return res

@@ -67,7 +67,13 @@ def weight_fingerprint(model) -> dict[str, list[float]]:
     return out
 
 
-def record(model, processor, item, audio, max_new_tokens: int, heads=None) -> dict[str, np.ndarray]:
+def _until_eos(model, toks) -> np.ndarray:
+    eos = set(model.generation_config.eos_token_id or [])
+    toks = list(toks)
+    return np.array(toks[: next((i for i, t in enumerate(toks) if t in eos), len(toks))], np.int32)
+
+
+def record(model, processor, item, audio, max_new_tokens: int, heads=None, steering=None) -> dict[str, np.ndarray]:
     """The bundle quantities of one item (see `mlx_listen.bundle.QUANTITIES`)."""
     from . import reference as R
 
@@ -91,16 +97,20 @@ def record(model, processor, item, audio, max_new_tokens: int, heads=None) -> di
         if heads:
             out["listening"] = np.array([np.mean([res["audio_mass"][l, h] for l, h in heads])])
     if max_new_tokens:
-        eos = set(model.generation_config.eos_token_id or [])
-        toks = res["greedy_tokens"].tolist()
-        out["greedy_tokens"] = np.array(toks[: next((i for i, t in enumerate(toks) if t in eos), len(toks))],
-                                        np.int32)
+        out["greedy_tokens"] = _until_eos(model, res["greedy_tokens"])
+    if steering:
+        st = R.run_steered(model, processor, [audio], item["question"], item["system"], layers=steering["layers"],
+                           alpha=steering["alpha"], at=steering["at"], max_new_tokens=max_new_tokens)
+        out["steer_direction"], out["steered_logits_last"] = st["steer_direction"], st["steered_logits_last"]
+        if max_new_tokens:
+            out["steered_greedy_tokens"] = _until_eos(model, st["steered_greedy_tokens"])
     return {k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v for k, v in out.items()}
 
 
 def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "float32", device: str | None = None,
                 max_new_tokens: int = 24, drift: bool = False, progress: bool = True,
-                heads: list[tuple[int, int]] | None = None) -> Path:
+                heads: list[tuple[int, int]] | None = None, steering: dict | None = None) -> Path:
+    """`steering`: {"layers": [...], "alpha": a, "at": "all"|"prompt"} records the steered quantities."""
     import torch
     import transformers
     from tqdm import tqdm
@@ -130,14 +140,15 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
         "prompt_format": "qwen2-audio-chat (processor default template)",
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens}, "seed": 0,
         "heads": [list(map(int, h)) for h in heads] if heads else None,
+        "steering": steering,
         "items": [],
     })
     (out / "audio").mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(tqdm(items, desc="Reference", unit="item", disable=not progress, file=sys.stderr)):
         audio = load_audio(item["path"])
-        q = record(model, processor, item, audio, max_new_tokens, heads)
+        q = record(model, processor, item, audio, max_new_tokens, heads, steering)
         if other is not None:
-            q.update({f"drift.{k}": v for k, v in record(other[0], other[1], item, audio, 0, heads).items()
+            q.update({f"drift.{k}": v for k, v in record(other[0], other[1], item, audio, 0, heads, steering).items()
                       if v.dtype.kind == "f" and k != "features"})
         for k, v in q.items():
             bundle.put(i, k, v)
@@ -168,8 +179,12 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
 @click.option("--drift", is_flag=True, help="Also run the other precision and record HF's own bf16-vs-fp32 drift.")
 @click.option("--heads", "heads_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="HEADS.json: also record the listening score over these heads.")
+@click.option("--steer", is_flag=True, help="Also record audio-silence steering over the heads' layers (needs --heads).")
+@click.option("--alpha", default=1.0, show_default=True, help="Steering strength.")
+@click.option("--steer-at", type=click.Choice(["all", "prompt"]), default="all", show_default=True)
 @click.option("--force", is_flag=True, help="Overwrite an existing bundle folder.")
-def main(model_path, items_path, audio_dir, out, dtype, device, max_new_tokens, drift, heads_path, force):
+def main(model_path, items_path, audio_dir, out, dtype, device, max_new_tokens, drift, heads_path, steer, alpha,
+         steer_at, force):
     """Record transformers' numbers for each item into a bundle for `mlx-listen parity`."""
     out = Path(out)
     try:
@@ -179,8 +194,11 @@ def main(model_path, items_path, audio_dir, out, dtype, device, max_new_tokens, 
         if out.exists():
             shutil.rmtree(out)
         heads = [tuple(h) for h in json.loads(Path(heads_path).read_text())["heads"]] if heads_path else None
+        if steer and not heads:
+            raise ListenError("--steer needs --heads HEADS.json (the read layers are the heads' layers)")
+        steering = {"layers": sorted({l for l, _ in heads}), "alpha": alpha, "at": steer_at} if steer else None
         path = make_bundle(model_path, items, out, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                           drift=drift, heads=heads)
+                           drift=drift, heads=heads, steering=steering)
     except ListenError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)

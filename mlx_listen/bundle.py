@@ -45,6 +45,9 @@ QUANTITIES = {
     "audio_mass": "per decoder layer and head, attention mass on the <|AUDIO|> positions at the last prompt "
                   "position (n_layers, n_heads)",
     "listening": "listening score: mean audio_mass over the manifest's `heads` (1,)",
+    "steer_direction": "audio-minus-silence direction d(x) (hidden,), manifest `steering` settings",
+    "steered_logits_last": "logits at the last prompt position with alpha*d added to the last block's output",
+    "steered_greedy_tokens": "greedy continuation with the steering applied, eos excluded (int32)",
 }
 
 

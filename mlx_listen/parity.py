@@ -156,6 +156,17 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         out["listening"] = np.array([np.mean([mass[l, h] for l, h in bundle.manifest["heads"]])])
     if max_new_tokens:
         out["greedy_tokens"] = np.array(generate(model, processor, prompt, max_tokens=max_new_tokens).tokens, np.int32)
+    if steering := bundle.manifest.get("steering"):
+        from .steering import SteerConfig, Steerer
+
+        st = Steerer(model, SteerConfig(layers=steering["layers"], alpha=steering["alpha"], at=steering["at"]))
+        out["steer_direction"] = np.array(st.direction(prompt))
+        with st.applied(prompt):
+            out["steered_logits_last"] = f32(model(mx.array(prompt.ids)[None],
+                                                   input_embeddings=prompt.embeddings[None])[0, -1])
+        if max_new_tokens:
+            out["steered_greedy_tokens"] = np.array(st.generate(processor, prompt, max_tokens=max_new_tokens).tokens,
+                                                    np.int32)
     return out
 
 
@@ -166,7 +177,7 @@ def _judge(q: str, ours, ref, drift, mode: str, bits: int | None) -> Row:
         row.max_abs = float(np.abs(ours.astype(np.int64) - ref.astype(np.int64)).max()) if ours.shape == ref.shape else float("inf")
         row.limit = "equal"
         return row
-    if q == "greedy_tokens":
+    if q.endswith("greedy_tokens"):
         n = min(len(ours), len(ref))
         diverge = next((k for k in range(n) if ours[k] != ref[k]), None if len(ours) == len(ref) else n)
         row.max_abs = float(0 if diverge is None else len(ref) - diverge)

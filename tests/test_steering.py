@@ -1,0 +1,109 @@
+"""Audio–silence steering against the PyTorch implementation (forward hooks) on the tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import SR, tone
+
+from mlx_listen.capture import RESID, run_with_cache
+from mlx_listen.errors import ListenError
+from mlx_listen.generate import generate, prepare
+from mlx_listen.steering import SteerConfig, Steerer, load_vector, save_vector
+
+Q = "Describe the audio."
+
+
+@pytest.mark.parametrize("at", ["all", "prompt"])
+def test_steered_logits_and_tokens_match_pytorch(tiny, at):
+    from mlx_listen.convert.reference import run_steered
+
+    clip, layers, alpha = tone(2.5), [0, 1], 1.5
+    ref = run_steered(tiny.hf_model, tiny.hf_processor, [clip], Q, layers=layers, alpha=alpha, at=at,
+                      max_new_tokens=24)
+    model, processor = tiny.mlx
+    prompt = prepare(model, processor, [clip], Q)
+    st = Steerer(model, SteerConfig(layers=layers, alpha=alpha, at=at))
+    d = np.array(st.direction(prompt))
+    assert np.abs(d - ref["steer_direction"]).max() <= 1e-4 * max(1, np.abs(ref["steer_direction"]).max())
+    with st.applied(prompt):
+        logits = np.array(model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])[0, -1])
+    assert np.abs(logits - ref["steered_logits_last"]).max() <= 1e-4
+    unsteered = tiny.reference("greedy-steer", [clip], Q)["logits"][-1]
+    assert np.abs(logits - unsteered).max() > 0.05, "steering had no visible effect: a weak test"
+    eos = set(processor.tokenizer.eos_token_ids)
+    hf = ref["steered_greedy_tokens"].tolist()
+    hf = hf[: next((i for i, t in enumerate(hf) if t in eos), len(hf))]
+    assert st.generate(processor, prompt, max_tokens=24).tokens == hf
+
+
+def test_alpha_zero_is_bit_identical(tiny_gqa):
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [tone(2.0)], Q)
+    base = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])
+    st = Steerer(model, SteerConfig(layers=[0, 1], alpha=0.0))
+    with st.applied(prompt):
+        steered = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])
+    assert np.array_equal(np.array(base), np.array(steered))
+    assert st.generate(processor, prompt, max_tokens=16).tokens == generate(model, processor, prompt, max_tokens=16).tokens
+    assert all(not l.hooks for l in model.layers)
+
+
+@pytest.mark.parametrize("n", [321, 16001, 40003, 77777])
+def test_equal_length_silence_gives_same_tokens_for_odd_lengths(tiny_gqa, n):
+    model, processor = tiny_gqa.mlx
+    audio = np.random.default_rng(n).standard_normal(n).astype(np.float32) * 0.1
+    a = prepare(model, processor, [audio], Q)
+    s = prepare(model, processor, [np.zeros(n, np.float32)], Q)
+    assert a.ids == s.ids and a.n_audio_tokens == s.n_audio_tokens
+    st = Steerer(model, SteerConfig(layers=[1]))
+    cached = st.silence_features(a.clips[0].n_frames)
+    assert np.array_equal(np.array(cached), np.array(model.encode_audio(s.clips[0].mel, s.clips[0].n_frames)))
+
+
+def test_truncated_silence_pass_equals_full_pass(tiny_gqa):
+    model, processor = tiny_gqa.mlx
+    clip = tone(3.1)
+    prompt = prepare(model, processor, [clip], Q)
+    st = Steerer(model, SteerConfig(layers=[0]))  # stops after layer 0
+    short = st.silence_residuals(prompt)
+    silent = prepare(model, processor, [np.zeros_like(clip)], Q)
+    _, cap = run_with_cache(model, silent, [RESID.format(0), RESID.format(1)])
+    assert np.array_equal(np.array(short[0]), np.array(cap.resid(0).astype(mx.float32)))
+
+
+def test_vector_file_round_trip_and_width_check(tiny_gqa, tmp_path):
+    model, processor = tiny_gqa.mlx
+    hidden = model.config.text_config.hidden_size
+    v = np.random.default_rng(0).standard_normal(hidden).astype(np.float32)
+    path = tmp_path / "v.safetensors"
+    save_vector(path, v, apply_layer=len(model.layers) - 1, hidden_size=hidden,
+                meta={"layers": [0, 1], "alpha": 1.0, "source": "dataset_mean"})
+    back, layer, md = load_vector(path, hidden, len(model.layers))
+    assert np.array_equal(back, v) and layer == len(model.layers) - 1
+    assert md["hidden_size"] == str(hidden) and json.loads(md["layers"]) == [0, 1]
+    with pytest.raises(ListenError, match="hidden size"):
+        load_vector(path, hidden * 2, len(model.layers))
+    # a fixed vector steers without any silence pass
+    prompt = prepare(model, processor, [tone(1.0)], Q)
+    st = Steerer(model, SteerConfig(vector=v, alpha=0.5))
+    with st.applied(prompt):
+        steered = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])[0, -1]
+    h = run_with_cache(model, prompt, RESID.format(len(model.layers) - 1))[1].resid(len(model.layers) - 1)
+    lm = model.language_model
+    expect = lm.lm_head(lm.model.norm(h + 0.5 * mx.array(v)))
+    assert np.abs(np.array(steered) - np.array(expect)).max() <= 1e-5
+
+
+def test_bad_configs_are_refused(tiny_gqa):
+    model, _ = tiny_gqa.mlx
+    with pytest.raises(ListenError):
+        Steerer(model, SteerConfig(layers=[7]))
+    with pytest.raises(ListenError):
+        Steerer(model, SteerConfig(layers=[0], at="everywhere"))
+    with pytest.raises(ListenError):
+        Steerer(model, SteerConfig())
