@@ -11,6 +11,7 @@ import json
 import sys
 
 import click
+import numpy as np
 
 from mlx_listen import __version__
 from mlx_listen.errors import ListenError
@@ -41,6 +42,38 @@ def _versions() -> str:
     return f"mlx-listen {__version__}, mlx {mx.__version__}, mlx-lm {mlx_lm.__version__}"
 
 
+def _steer_options(fn):
+    """--steer/--vector/--alpha/--steer-at/--strength/--normalize (shared by ask and eval)."""
+    opts = [
+        click.option("--steer", "steer_path", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Steer with the audio-silence direction over the layers of these HEADS.json heads."),
+        click.option("--vector", "vector_path", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Steer with a fixed direction file (`mlx-listen steer build`)."),
+        click.option("--alpha", type=float, default=1.0, show_default=True, help="Steering strength."),
+        click.option("--steer-at", type=click.Choice(["all", "prompt"]), default="all", show_default=True,
+                     help="Steer the last prompt position and every generated token, or the prompt only."),
+        click.option("--strength", type=click.Choice(["fixed", "listening"]), default="fixed", show_default=True,
+                     help="'listening': alpha x clip(calibration mean L / L(x), 0, 2): steer harder when the model "
+                          "listens less (needs HEADS.json)."),
+        click.option("--normalize", type=click.Choice(["none", "unit", "relative"]), default="none",
+                     show_default=True, help="Scale of the direction: raw, unit, or relative to |h_final[T]|."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize):
+    if not steer_path and not vector_path:
+        return None
+    from mlx_listen.steering import config_from
+
+    cfg = config_from(steer_path, vector_path, alpha=alpha, at=steer_at, strength=strength, normalize=normalize)
+    if strength == "listening" and not steer_path:
+        raise click.UsageError("--strength listening needs --steer HEADS.json")
+    return cfg
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(message="%(version)s", version=__version__, package_name="mlx-listen")
 def main():
@@ -67,9 +100,10 @@ def main():
 @click.option("--listen", is_flag=True, help="Also print the listening score (needs --heads).")
 @click.option("--heads", "heads_path", type=click.Path(exists=True, dir_okay=False), default=None,
               help="HEADS.json from `mlx-listen heads`.")
+@_steer_options
 @_friendly
 def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, system, as_json, quiet,
-        listen, heads_path):
+        listen, heads_path, steer_path, vector_path, alpha, steer_at, strength, normalize):
     """Ask QUESTION about one or more audio CLIPs (wav, flac, ogg, mp3; any rate; any channels).
 
     \b
@@ -83,11 +117,12 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
     from mlx_listen.generate import generate, prepare
     from mlx_listen.load import load
 
-    if listen and not heads_path:
+    if listen and not (heads_path or steer_path):
         raise click.UsageError("--listen needs --heads HEADS.json (from `mlx-listen heads`)")
     from mlx_listen.heads import HeadSet
 
-    heads = HeadSet.load(heads_path) if listen else None
+    heads = HeadSet.load(heads_path or steer_path) if listen else None
+    steer_cfg = _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize)
     feats = [audio_features(load_audio(c), c) for c in clips]  # bad audio fails before the model loads
     mdl, processor = load(model)
     if heads:
@@ -100,7 +135,10 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
 
     from mlx_listen.capture import AUDIO_MASS, Capture
 
-    with Capture(mdl, AUDIO_MASS.format("*"), prompt.audio_positions) if heads else nullcontext() as cap:
+    from mlx_listen.steering import Steerer
+
+    steering = Steerer(mdl, steer_cfg).applied(prompt) if steer_cfg else nullcontext()
+    with Capture(mdl, AUDIO_MASS.format("*"), prompt.audio_positions) if heads else nullcontext() as cap, steering:
         answer = generate(
             mdl, processor, prompt, on_text=(lambda s: click.echo(s, nl=False)) if stream else None,
             max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
@@ -123,8 +161,14 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
     if heads:
         print(f"Listening: {listening:.4f} (mean audio attention of {len(heads.heads)} heads at the last prompt "
               "token)", file=sys.stderr)
+    if steer_cfg and not quiet:
+        print(f"Steering: alpha {steer_cfg.alpha} at {steer_cfg.at}, "
+              + (f"read layers {steer_cfg.layers}" if steer_cfg.vector is None else "fixed vector"), file=sys.stderr)
     if as_json:
-        click.echo(json.dumps({**answer.to_json(), **({"listening": listening} if heads else {})}))
+        extra = {"listening": listening} if heads else {}
+        if steer_cfg:
+            extra["steering"] = steer_cfg.to_json()
+        click.echo(json.dumps({**answer.to_json(), **extra}))
 
 
 @main.command()
@@ -173,9 +217,13 @@ def parity(bundle, model, as_json):
               type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]), help="Prompt preset (shared/design/mmau.md §7).")
 @click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--skip-missing", is_flag=True, help="Go on without items whose audio file is missing.")
+@_steer_options
+@click.option("--compare", is_flag=True, help="With --steer/--vector: run the baseline and the steered model on "
+              "each item in one pass (baseline in OUT, steered in OUT/steered) and print the paired comparison.")
 @click.pass_context
 @_friendly
-def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, skip_missing):  # noqa: A001
+def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, skip_missing,  # noqa: A001
+         steer_path, vector_path, alpha, steer_at, strength, normalize, compare):
     """Evaluate on MMAU (greedy, official scoring); rerun the same command to resume.
 
     \b
@@ -196,11 +244,30 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
     bad = [t for t in task_list if t not in ("sound", "music", "speech")]
     if bad or not task_list:
         raise click.BadParameter(f"unknown task {', '.join(bad) or '(none)'}", param_hint="--task")
+    from mlx_listen.evaluate import baseline, steered
+
+    steer_cfg = _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize)
+    if compare and not steer_cfg:
+        raise click.UsageError("--compare needs --steer HEADS.json or --vector FILE")
+    settings = {}
+    for label, f in (("heads_sha256", steer_path), ("vector_sha256", vector_path)):
+        if f:
+            from mlx_listen.mmau import file_sha256
+
+            settings[label] = file_sha256(f)
+    conditions = [baseline()] if not steer_cfg else [steered(steer_cfg, settings=settings)]
+    if compare:
+        conditions.insert(0, baseline())
     spec = EvalSpec(Path(data), Path(audio_dir), model, Path(out), limit=limit, tasks=task_list,
-                    prompt=prompt, max_tokens=max_tokens, skip_missing=skip_missing)
-    for name, report in run_eval(spec).items():
-        click.echo(f"== {name}: {spec.out if name == 'base' else spec.out / name}")
-        click.echo(report.table())
+                    prompt=prompt, max_tokens=max_tokens, skip_missing=skip_missing, conditions=conditions)
+    reports = run_eval(spec)
+    for cond in spec.conditions:
+        if cond.name in reports:
+            click.echo(f"== {cond.name}: {spec.dir_for(cond)}")
+            click.echo(reports[cond.name].table())
+    if compare and reports:
+        ctx.invoke(eval_compare, run_a=str(spec.dir_for(conditions[0])), run_b=str(spec.dir_for(conditions[1])),
+                   as_json=False)
 
 
 @eval.command("score")
@@ -295,9 +362,12 @@ def attention(clip, question, model, json_out, heads_path, png, system):
     out = {"layers": int(mass.shape[0]), "heads": int(mass.shape[1]),
            "audio_mass": [[round(float(v), 7) for v in row] for row in mass],
            "listening": heads.listening(mass) if heads else None, "audio_tokens": prompt.n_audio_tokens}
+    Path(json_out).parent.mkdir(parents=True, exist_ok=True)
     Path(json_out).write_text(json.dumps(out))
     if png:
         from mlx_listen.plots import heatmap
+
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
 
         heatmap(mass, Path(png), f"Audio attention mass at the last prompt token ({prompt.n_audio_tokens} audio tokens)",
                 "attention mass on audio", marked=heads.heads if heads else ())
@@ -329,12 +399,10 @@ def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens):
     from mlx_listen.load import load
 
     out = Path(out)
-    items = mmau.load_items(data)[:limit]
-    missing = [it["audio_id"] for it in items if not (Path(audio_dir) / it["audio_id"]).is_file()]
-    if missing:
-        raise ListenError(f"{len(missing)} audio files missing under {audio_dir}, e.g. {missing[0]}")
+    items = _heads_items(data, audio_dir, limit)
     records = out.with_name(out.stem + ".items.jsonl")
-    meta = {"model": model, "data": mmau.file_sha256(data), "prompt": prompt, "seed": seed}
+    meta = {"model": model, "data": mmau.file_sha256(data), "prompt": prompt, "max_tokens": max_tokens,
+            "seed": seed}
     _check_records_meta(records, meta)
     mdl, processor = load(model)
     rows = calibrate(mdl, processor, items, Path(audio_dir), records, prompt, max_tokens)
@@ -347,12 +415,27 @@ def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens):
     click.echo(f"[INFO] wrote {out} and its .csv, .scores.png, .listening.png", err=True)
 
 
+def _heads_items(data, audio_dir, limit) -> list[dict]:
+    """The items of a `heads` / `validate-heads` run; refuse an empty set or missing audio up front."""
+    from pathlib import Path
+
+    from mlx_listen import mmau
+
+    items = mmau.load_items(data)[:limit]
+    if not items:
+        raise ListenError(f"{data} holds no items")
+    missing = [it["audio_id"] for it in items if not (Path(audio_dir) / it["audio_id"]).is_file()]
+    if missing:
+        raise ListenError(f"{len(missing)} audio files missing under {audio_dir}, e.g. {missing[0]}")
+    return items
+
+
 def _check_records_meta(records, meta: dict):
-    """A resumable record file belongs to one model/data/prompt: refuse to mix."""
+    """A resumable record file belongs to one model/data/prompt/decoding: refuse to mix."""
     side = records.with_suffix(".meta.json")
     if side.exists():
         old = json.loads(side.read_text())
-        diff = [k for k in ("model", "data", "prompt") if old.get(k) != meta.get(k)]
+        diff = [k for k in ("model", "data", "prompt", "max_tokens") if old.get(k) != meta.get(k)]
         if diff:
             raise ListenError(f"{records} was made with other settings ({', '.join(diff)} differ); use another --out")
     else:
@@ -384,9 +467,10 @@ def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt,
 
     out = Path(out)
     hs = HeadSet.load(heads_path)
-    items = mmau.load_items(data)[:limit]
+    items = _heads_items(data, audio_dir, limit)
     records = out / "items.jsonl"
-    _check_records_meta(records, {"model": model, "data": mmau.file_sha256(data), "prompt": prompt})
+    _check_records_meta(records, {"model": model, "data": mmau.file_sha256(data), "prompt": prompt,
+                                  "max_tokens": max_tokens})
     mdl, processor = load(model)
     hs.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
     rows = validation_records(mdl, processor, items, Path(audio_dir), records, prompt, max_tokens)
@@ -399,12 +483,103 @@ def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt,
     Lr = np.array([rand.listening(m) for m in mass])
     listening_plot({"selected heads": (L[changed], L[~changed]), "random heads (control)": (Lr[changed], Lr[~changed])},
                    ("audio changed answer", "unchanged"), out / "validation.png")
+    def f(v, spec=".4f"):
+        return "n/a" if v is None else format(v, spec)
+
     h = rep["heads"]
+    ci = h["difference_ci95"]
     click.echo(f"{rep['n']} items; the audio changed the answer on {rep['n_changed']}")
-    click.echo(f"listening score: changed {h['mean_changed']}, unchanged {h['mean_unchanged']}, difference "
-               f"{h['difference']} (95% CI {h['difference_ci95']}), AUC {h['auc']:.3f}")
-    click.echo(f"random-head control AUC: {rep['random_auc_mean']:.3f} ± {rep['random_auc_sd']:.3f}")
+    click.echo(f"listening score: changed {f(h['mean_changed'])}, unchanged {f(h['mean_unchanged'])}, difference "
+               f"{f(h['difference'], '+.4f')} (95% CI {f(ci and ci[0], '+.4f')} to {f(ci and ci[1], '+.4f')}), "
+               f"AUC {f(h['auc'], '.3f')}")
+    click.echo(f"random-head control AUC: {f(rep['random_auc_mean'], '.3f')} ± {f(rep['random_auc_sd'], '.3f')}")
     click.echo(f"[INFO] wrote {out / 'validation.json'} and {out / 'validation.png'}", err=True)
+
+
+@main.group()
+def steer():
+    """Steering vectors and strength sweeps (audio-silence steering, arXiv 2603.06854)."""
+
+
+@steer.command("build")
+@click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True)
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Calibration items (MMAU format).")
+@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Vector file (.safetensors).")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Default strength stored with the vector.")
+@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
+@_friendly
+def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt):
+    """A fixed direction: the mean of the per-input audio-silence directions over calibration items."""
+    from pathlib import Path
+
+    from mlx_listen import mmau
+    from mlx_listen.load import load
+    from mlx_listen.steering import from_heads, save_vector
+    from mlx_listen.sweep import build_vector
+
+    cfg = from_heads(heads_path)
+    items = mmau.load_items(data)[:limit]
+    mdl, processor = load(model)
+    vec, n = build_vector(mdl, processor, items, Path(audio_dir), cfg, prompt)
+    save_vector(out, vec, apply_layer=len(mdl.layers) - 1, hidden_size=mdl.config.text_config.hidden_size,
+                meta={"model": model, "layers": cfg.layers, "heads": [list(h) for h in cfg.heads], "coeff": alpha,
+                      "normalize": "none", "positions": "prompt_last+generated", "source": "dataset_mean",
+                      "calibration": {"data_sha256": mmau.file_sha256(data), "n_items": n, "prompt": prompt}})
+    click.echo(f"[INFO] wrote {out}: mean direction over {n} items, |d| = {float(np.linalg.norm(vec)):.4g}", err=True)
+
+
+@steer.command("sweep")
+@click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True)
+@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (resumable).")
+@click.option("--alphas", default="0,0.5,1,2,4", show_default=True, help="Comma-separated strengths.")
+@click.option("--calib-fraction", default=0.5, show_default=True, type=click.FloatRange(0.05, 0.95))
+@click.option("--seed", default=0, show_default=True, help="Split and random-control seed.")
+@click.option("--random-controls", default=1, show_default=True, type=click.IntRange(min=0),
+              help="Random-head control sets (same K) swept alongside.")
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--task", "tasks", default="sound,music,speech", show_default=True)
+@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
+@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--steer-at", type=click.Choice(["all", "prompt"]), default="all", show_default=True)
+@_friendly
+def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction, seed, random_controls, limit, tasks,
+                prompt, max_tokens, steer_at):
+    """Accuracy vs alpha on a calibration split; the best alpha applied to the disjoint test split."""
+    from pathlib import Path
+
+    from mlx_listen.config import ModelConfig
+    from mlx_listen.evaluate import EvalSpec
+    from mlx_listen.load import read_config, resolve
+    from mlx_listen.steering import from_heads
+    from mlx_listen.sweep import sweep
+
+    try:
+        grid = [float(a) for a in alphas.split(",") if a.strip()]
+    except ValueError:
+        raise click.BadParameter(f"not a list of numbers: {alphas}", param_hint="--alphas") from None
+    cfg = from_heads(heads_path, at=steer_at)
+    text = ModelConfig.from_dict(read_config(resolve(model))).text_config
+    spec = EvalSpec(Path(data), Path(audio_dir), model, Path(out), limit=limit,
+                    tasks=tuple(t.strip() for t in tasks.split(",")), prompt=prompt, max_tokens=max_tokens)
+    res = sweep(spec, cfg, grid, calib_fraction=calib_fraction, seed=seed, n_random=random_controls,
+                n_layers=text.num_hidden_layers, n_heads=text.num_attention_heads)
+    click.echo(f"calibration split ({len(res['splits']['calibration'])} items): accuracy by alpha")
+    for a in grid:
+        r = res["calibration"]["heads"][f"{a:g}"]
+        ctl = "  ".join(f"random#{i} {c[f'{a:g}']['overall']:.1%}" for i, c in enumerate(res["calibration"]["random"]))
+        click.echo(f"  alpha {a:>5g}: {r['overall']:.1%}  {ctl}")
+    t = res["test"]
+    click.echo(f"chosen alpha {res['chosen_alpha']:g}; test split ({len(res['splits']['test'])} items): "
+               f"base {t['base']['overall']:.1%} -> steered {t['steered']['overall']:.1%} "
+               f"(flips +{t['compare']['overall']['wrong_to_right']} / -{t['compare']['overall']['right_to_wrong']}, "
+               f"McNemar p {t['compare']['overall']['p_mcnemar']:.3g})")
+    click.echo(f"[INFO] wrote {Path(out) / 'sweep.json'} and {Path(out) / 'sweep.png'}", err=True)
 
 
 @main.command()

@@ -37,6 +37,19 @@ class Condition:
     settings: dict = field(default_factory=dict)  # recorded in run.json; part of the run's identity
 
 
+def steered(config, name: str = "steered", settings: dict | None = None) -> Condition:
+    """Greedy answers with audio–silence steering (`steering.SteerConfig`)."""
+    from .steering import Steerer
+
+    steerers: dict[int, Steerer] = {}
+
+    def answer(model, processor, prompt, max_tokens):
+        st = steerers.get(id(model)) or steerers.setdefault(id(model), Steerer(model, config))
+        return st.generate(processor, prompt, max_tokens=max_tokens, temp=0.0)
+
+    return Condition(name, answer, {"decoding": "greedy", "steering": config.to_json(), **(settings or {})})
+
+
 def baseline() -> Condition:
     from .generate import generate
 
@@ -104,10 +117,11 @@ class EvalSpec:
     max_tokens: int = 256
     skip_missing: bool = False
     conditions: list[Condition] = field(default_factory=lambda: [baseline()])
+    ids: set[str] | None = None  # only these items (e.g. one split of a sweep)
 
-
-def condition_dir(out: Path, cond: Condition) -> Path:
-    return out if cond.name == "base" else out / cond.name
+    def dir_for(self, cond: Condition) -> Path:
+        """The first condition writes to the run folder itself, the others to a subfolder each."""
+        return self.out if cond is self.conditions[0] else self.out / cond.name
 
 
 def audio_problem(path: Path) -> str | None:
@@ -133,7 +147,8 @@ def select_items(spec: EvalSpec) -> tuple[list[dict], list[str]]:
 
 
 def _select(spec: EvalSpec) -> list[dict]:
-    items = [it for it in mmau.load_items(spec.data) if it["task"] in spec.tasks]
+    items = [it for it in mmau.load_items(spec.data)
+             if it["task"] in spec.tasks and (spec.ids is None or it["id"] in spec.ids)]
     return items[: spec.limit] if spec.limit is not None else items
 
 
@@ -227,13 +242,13 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
     check_run_dir(spec, rank)
     if rank == 0:  # one process cuts half-written last lines left by a kill, before anyone reads
         for cond in spec.conditions:
-            condition_dir(spec.out, cond).mkdir(parents=True, exist_ok=True)
-            done_ids(condition_dir(spec.out, cond), repair=True)
+            spec.dir_for(cond).mkdir(parents=True, exist_ok=True)
+            done_ids(spec.dir_for(cond), repair=True)
     _barrier(group)
 
     todo = []
     for cond in spec.conditions:
-        done = done_ids(condition_dir(spec.out, cond), repair=False)
+        done = done_ids(spec.dir_for(cond), repair=False)
         todo.append({it["id"] for it in items if it["id"] not in done})
     remaining = [it for it in items if any(it["id"] in t for t in todo)]
     mine = remaining[rank::size]
@@ -261,7 +276,7 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
                                                    "encoder": prompt.encode_seconds,
                                                    "answer": time.perf_counter() - tic},
                                  prompt=spec.prompt, rank=rank)
-            append_jsonl(condition_dir(spec.out, cond) / f"predictions{suffix}.jsonl", row)
+            append_jsonl(spec.dir_for(cond) / f"predictions{suffix}.jsonl", row)
     _barrier(group)
     if rank != 0:
         return {}
@@ -277,7 +292,7 @@ def _barrier(group):
 
 def finish(spec: EvalSpec, cond: Condition, items: list[dict], missing: list[str]) -> mmau.Report:
     """Merge rank files into predictions.jsonl (data order), write predictions.json and summary.json."""
-    cdir = condition_dir(spec.out, cond)
+    cdir = spec.dir_for(cond)
     rows = {}
     for f in sorted(cdir.glob("predictions*.jsonl")):
         for r in read_jsonl(f):

@@ -59,6 +59,9 @@ class HeadSet:
             raise ListenError(f"{path} is not a HEADS.json file ({e})") from None
         if not heads:
             raise ListenError(f"{path} selects no heads")
+        if len(set(heads)) != len(heads):
+            dup = sorted({h for h in heads if heads.count(h) > 1})
+            raise ListenError(f"{path} lists heads {dup} more than once")
         scores = None
         if "scores" in data:
             L = 1 + max(int(k.split(",")[0]) for k in data["scores"])
@@ -78,6 +81,8 @@ class HeadSet:
 def head_scores(mass: np.ndarray, correct: np.ndarray) -> np.ndarray:
     """Pearson r per head between audio mass (N, layers, heads) and correctness (N,); constant heads get 0."""
     c = np.asarray(correct, np.float64)
+    if not c.size:
+        raise ListenError("no calibration items: head scores need labelled items with both outcomes")
     if c.min() == c.max():
         raise ListenError(f"every calibration item is {'right' if c[0] else 'wrong'}: the correlation with "
                           "correctness is undefined; use a calibration set with both outcomes")
@@ -86,7 +91,8 @@ def head_scores(mass: np.ndarray, correct: np.ndarray) -> np.ndarray:
     den = np.sqrt((ac**2).sum(0) * (cc**2).sum())
     with np.errstate(invalid="ignore", divide="ignore"):
         r = np.tensordot(cc, ac, axes=(0, 0)) / den
-    return np.where(den > 1e-12, r, 0.0)
+    constant = a.max(0) == a.min(0)  # exactly: float noise in the mean must not leave a tiny r
+    return np.where((den > 1e-12) & ~constant, r, 0.0)
 
 
 def top_heads(scores: np.ndarray, k: int) -> list[tuple[int, int]]:
@@ -141,13 +147,17 @@ def calibrate(model, processor, items: Sequence[dict], audio_dir: Path, records:
 
 
 def find_heads(rows: list[dict], k: int, meta: dict) -> HeadSet:
+    if not rows:
+        raise ListenError("no calibration items: head scores need labelled items with both outcomes")
     mass = np.array([r["audio_mass"] for r in rows], np.float64)
     correct = np.array([r["correct"] for r in rows], bool)
     scores = head_scores(mass, correct)
     k = min(k, scores.size)
-    return HeadSet(top_heads(scores, k), scores, {**meta, "n_items": len(rows), "accuracy": float(correct.mean()),
-                                                  "criterion": "correctness (Pearson r)", "query": "last prompt token",
-                                                  "audio_span": "<|AUDIO|> positions", "mass": "sum"})
+    heads = top_heads(scores, k)
+    listening_mean = float(np.mean([HeadSet(heads).listening(m) for m in mass]))  # L̄, for strength scaling
+    return HeadSet(heads, scores, {**meta, "n_items": len(rows), "accuracy": float(correct.mean()),
+                                   "listening_mean": listening_mean, "criterion": "correctness (Pearson r)",
+                                   "query": "last prompt token", "audio_span": "<|AUDIO|> positions", "mass": "sum"})
 
 
 def write_side_files(headset: HeadSet, rows: list[dict], out: Path, seed: int):
@@ -222,22 +232,29 @@ def validation_records(model, processor, items, audio_dir: Path, records: Path, 
 
 
 def validate(headset: HeadSet, rows: list[dict], seed: int = 0, n_random: int = 5) -> dict:
-    """L(x) for items whose answer the audio changed vs not, for the heads and the random control."""
+    """L(x) for items whose answer the audio changed vs not, for the heads and the random control.
+
+    Values that are undefined (a group with no items) are None, so the report is strict JSON."""
+    if not rows:
+        raise ListenError("no validation items")
     mass = np.array([r["audio_mass"] for r in rows], np.float64)
     changed = np.array([r["changed"] for r in rows], bool)
 
     def summary(hs: HeadSet, boot_seed: int) -> dict:
         L = np.array([hs.listening(m) for m in mass])
         a, b = L[changed], L[~changed]
-        return {"mean_changed": float(a.mean()) if a.size else None,
+        both = bool(a.size and b.size)
+        return {"heads": [list(h) for h in hs.heads],
+                "mean_changed": float(a.mean()) if a.size else None,
                 "mean_unchanged": float(b.mean()) if b.size else None,
-                "difference": float(a.mean() - b.mean()) if a.size and b.size else None,
-                "difference_ci95": bootstrap_diff(a, b, boot_seed), "auc": auc(a, b)}
+                "difference": float(a.mean() - b.mean()) if both else None,
+                "difference_ci95": list(bootstrap_diff(a, b, boot_seed)) if both else None,
+                "auc": auc(a, b) if both else None}
 
     L_, H_ = mass.shape[1:]
     controls = [summary(HeadSet(random_heads(L_, H_, len(headset.heads), seed + i)), seed + i) for i in range(n_random)]
-    aucs = [c["auc"] for c in controls]
+    aucs = [c["auc"] for c in controls if c["auc"] is not None]
     return {"n": len(rows), "n_changed": int(changed.sum()), "n_unchanged": int((~changed).sum()),
             "heads": summary(headset, seed), "random_control": controls,
-            "random_auc_mean": float(np.nanmean(aucs)) if aucs else None,
-            "random_auc_sd": float(np.nanstd(aucs)) if aucs else None}
+            "random_auc_mean": float(np.mean(aucs)) if aucs else None,
+            "random_auc_sd": float(np.std(aucs)) if aucs else None}

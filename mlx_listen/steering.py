@@ -51,7 +51,10 @@ class SteerConfig:
         d["direction"] = "fixed vector" if self.vector is not None else "per input (audio - silence)"
         return d
 
-    def validate(self, n_layers: int):
+    def validate(self, n_layers: int, hidden_size: int | None = None):
+        if self.vector is not None and hidden_size is not None and np.shape(self.vector) != (hidden_size,):
+            raise ListenError(f"the steering vector has shape {np.shape(self.vector)}; this model's hidden size "
+                              f"is {hidden_size}")
         if self.at not in POSITIONS:
             raise ListenError(f"--steer-at must be one of {POSITIONS}")
         if self.normalize not in NORMALIZE:
@@ -69,7 +72,7 @@ class Steerer:
     """Steered answers for one model; caches the silence encoding per clip length."""
 
     def __init__(self, model, config: SteerConfig, cache_size: int = 64):
-        config.validate(len(model.layers))
+        config.validate(len(model.layers), model.config.text_config.hidden_size)
         self.model, self.config = model, config
         self._silence: OrderedDict[int, mx.array] = OrderedDict()
         self._cache_size = cache_size
@@ -188,6 +191,18 @@ class Steerer:
             return generate(self.model, processor, prompt, **kw)
 
 
+def config_from(heads_path=None, vector_path=None, **kw) -> SteerConfig:
+    """The CLI's steering options: HEADS.json (per-input direction over its heads' layers), or a
+    fixed vector file (then HEADS.json, if also given, only serves strength="listening")."""
+    if not heads_path and not vector_path:
+        raise ListenError("steering needs --steer HEADS.json or --vector FILE")
+    cfg = from_heads(heads_path, **kw) if heads_path else SteerConfig(**kw)
+    if vector_path:
+        cfg.vector, cfg.apply_layer, _ = load_vector(vector_path)
+        cfg.layers = []
+    return cfg
+
+
 def from_heads(path, alpha: float = 1.0, at: str = "all", **kw) -> SteerConfig:
     """A steering config from HEADS.json: L* = the distinct layers of the selected heads."""
     from .heads import HeadSet
@@ -209,7 +224,7 @@ def save_vector(path, vector: np.ndarray, *, apply_layer: int, hidden_size: int,
                         metadata=md)
 
 
-def load_vector(path, hidden_size: int, n_layers: int) -> tuple[np.ndarray, int, dict]:
+def load_vector(path, hidden_size: int | None = None, n_layers: int | None = None) -> tuple[np.ndarray, int, dict]:
     """(vector, layer it applies to, metadata); refuses a vector made for another width."""
     try:
         tensors, md = mx.load(str(path), return_metadata=True)
@@ -220,9 +235,9 @@ def load_vector(path, hidden_size: int, n_layers: int) -> tuple[np.ndarray, int,
         raise ListenError(f"{path}: expected one tensor named direction.<layer>, found {sorted(tensors)}")
     layer = int(keys[0].split(".")[1])
     vec = np.array(tensors[keys[0]].astype(mx.float32))
-    if vec.shape != (hidden_size,) or md.get("hidden_size") not in (None, str(hidden_size)):
+    if hidden_size is not None and (vec.shape != (hidden_size,) or md.get("hidden_size") not in (None, str(hidden_size))):
         raise ListenError(f"{path} was made for hidden size {md.get('hidden_size', vec.shape)}; "
                           f"this model's is {hidden_size}")
-    if not -n_layers <= layer < n_layers:
+    if n_layers is not None and not -n_layers <= layer < n_layers:
         raise ListenError(f"{path} applies at layer {layer}; this model has {n_layers}")
     return vec, layer, md
