@@ -29,6 +29,7 @@ from .prompt import messages_for
 FP32_RTOL = 1e-4
 FEATURE_ATOL = 1e-4
 HALF_COSINE = 0.999
+HALF_SCALAR_RTOL = 0.02
 QUANT_COSINE = {8: 0.995, 4: 0.95}
 DRIFT_FACTOR = 2.0
 
@@ -62,7 +63,7 @@ class Report:
     def table(self) -> str:
         """One line per quantity: the worst item's numbers, and whether every item passed."""
         lines = [f"Parity ({self.mode})",
-                 f"{'quantity':<18} {'items':>5} {'max abs':>10} {'max rel':>10} {'min cos':>10}  {'limit':<28} verdict"]
+                 f"{'quantity':<22} {'items':>5} {'max abs':>10} {'max rel':>10} {'min cos':>10}  {'limit':<28} verdict"]
         from .bundle import QUANTITIES
 
         order = {q: k for k, q in enumerate(QUANTITIES)}
@@ -71,7 +72,7 @@ class Report:
             worst = max(rs, key=lambda r: (not r.ok, np.nan_to_num(r.max_rel, nan=-1)))
             cos = min((r.cosine for r in rs), default=float("nan"))
             notes = "; ".join(sorted({r.note for r in rs if r.note}))
-            lines.append(f"{q:<18} {len(rs):>5} {worst.max_abs:>10.3g} {worst.max_rel:>10.3g} {cos:>10.6f}  "
+            lines.append(f"{q:<22} {len(rs):>5} {worst.max_abs:>10.3g} {worst.max_rel:>10.3g} {cos:>10.6f}  "
                          f"{worst.limit:<28} {'ok' if all(r.ok for r in rs) else 'FAIL'}" + (f"  ({notes})" if notes else ""))
         if self.unchecked:
             lines.append(f"not checked (unknown to this version): {', '.join(self.unchecked)}")
@@ -200,6 +201,8 @@ def _judge(q: str, ours, ref, drift, mode: str, bits: int | None) -> Row:
     elif drift is not None:
         lim = DRIFT_FACTOR * float(np.abs(np.asarray(drift, np.float64) - np.asarray(ref, np.float64)).max()) + 1e-6
         row.limit, row.ok = f"abs <= {DRIFT_FACTOR:g}x HF drift ({lim:.3g})", row.max_abs <= lim
+    elif np.size(ref) == 1:  # a scalar (the listening score): cosine says nothing, judge relative error
+        row.limit, row.ok = f"rel <= {HALF_SCALAR_RTOL:g}", row.max_rel <= HALF_SCALAR_RTOL
     else:
         row.limit, row.ok = f"cos >= {HALF_COSINE:g}", row.cosine >= HALF_COSINE
     return row

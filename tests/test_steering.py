@@ -107,3 +107,60 @@ def test_bad_configs_are_refused(tiny_gqa):
         Steerer(model, SteerConfig(layers=[0], at="everywhere"))
     with pytest.raises(ListenError):
         Steerer(model, SteerConfig())
+
+
+def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
+    """The reference run records the PyTorch steering; `parity` recomputes and checks it."""
+    from mlx_listen.convert.reference_run import make_bundle, read_items
+    from mlx_listen.parity import parity
+
+    sf.write(tmp_path / "a.wav", tone(2.2), SR)
+    (tmp_path / "items.json").write_text(json.dumps([{"audio": "a.wav", "question": Q}]))
+    path = make_bundle(str(tiny_gqa.hf_path), read_items(tmp_path / "items.json", None), tmp_path / "b",
+                       max_new_tokens=12, progress=False, heads=[(0, 1), (1, 2)],
+                       steering={"layers": [0, 1], "alpha": 2.0, "at": "all"})
+    report = parity(path, tiny_gqa.mlx_path, progress=False)
+    assert report.ok, report.table()
+    got = {r.quantity: r for r in report.rows}
+    assert got["steered_logits_last"].max_abs < 1e-4 and got["steer_direction"].max_abs < 1e-4
+    assert got["steered_greedy_tokens"].note == "identical"
+
+
+def _split_rows(run):
+    from mlx_listen.evaluate import read_predictions
+
+    return {r["id"] for r in read_predictions(run)}
+
+
+def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_listen.app.cli import main
+    from mlx_listen.demo_set import make_demo_set
+
+    demo = make_demo_set(tmp_path / "demo", n_per_kind=2)
+    heads = tmp_path / "H.json"
+    heads.write_text(json.dumps({"heads": [[0, 1], [1, 3]], "k": 2}))
+    common = ["--data", str(demo), "--audio-dir", str(demo.parent), "--model", str(tiny_gqa.mlx_path), "-m", "3"]
+    r = CliRunner().invoke(main, ["eval", *common, "--out", str(tmp_path / "run"), "--steer", str(heads),
+                                  "--alpha", "2", "--compare"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "run" / "predictions.jsonl").exists() and (tmp_path / "run" / "steered" / "summary.json").exists()
+    assert _split_rows(tmp_path / "run") == _split_rows(tmp_path / "run" / "steered")
+    assert "McNemar" in r.output and "wrong->right" in r.output
+    summary = json.loads((tmp_path / "run" / "steered" / "summary.json").read_text())
+    assert summary["settings"]["steering"]["alpha"] == 2.0 and summary["settings"]["heads_sha256"]
+
+    r = CliRunner().invoke(main, ["steer", "sweep", "--heads", str(heads), *common, "--out", str(tmp_path / "sw"),
+                                  "--alphas", "0,1", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    calib, test = set(res["splits"]["calibration"]), set(res["splits"]["test"])
+    assert calib and test and not calib & test and len(calib | test) == 14
+    assert _split_rows(tmp_path / "sw" / "calibration") == calib
+    assert _split_rows(tmp_path / "sw" / "test") == test
+    assert (tmp_path / "sw" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from mlx_listen.mmau import load_items
+    from mlx_listen.sweep import split_ids
+
+    assert split_ids(load_items(demo), 0.5, 3) == (res["splits"]["calibration"], res["splits"]["test"])
