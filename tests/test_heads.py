@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -442,7 +443,9 @@ def test_heads_ranking_is_deterministic_across_runs(demo, tiny_gqa, heads_run, t
     ok(invoke(*heads_args(demo, tiny_gqa.mlx_path, out, "--limit", 10)))
     first10 = rows_of(heads_run[0].with_name("HEADS.items.jsonl"))[:10]
     again = rows_of(out.with_name("again.items.jsonl"))
-    drop = lambda r: {k: v for k, v in r.items() if k != "seconds"}  # noqa: E731
+    def drop(r):
+        return {k: v for k, v in r.items() if k != "seconds"}
+
     assert [drop(r) for r in again] == [drop(r) for r in first10]  # same answers, same masses
     want = H.find_heads(first10, K, {})
     raw = json.loads(out.read_text())
@@ -485,8 +488,6 @@ def test_heads_refuses_other_settings_in_the_same_out(demo, tiny_gqa, heads_run,
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded for a refused run")
-
-    import sys
 
     monkeypatch.setattr(sys.modules["mlx_listen.load"], "load", no_load)
     for extra, what in [(("--prompt", "mmau"), "prompt"), (("--max-tokens", MAX_TOKENS + 1), "max_tokens")]:

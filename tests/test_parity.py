@@ -43,7 +43,8 @@ def test_bundle_format(bundle_fp32):
     assert {"torch", "transformers"} <= set(m["software"])
     for i, item in enumerate(b.items):
         assert set(item["quantities"]) - {q for q in item["quantities"] if q.startswith("drift.")} == \
-            set(QUANTITIES) - {"listening"}  # listening needs --heads
+            set(QUANTITIES) - {"listening", "steer_direction", "steered_logits_last", "steered_greedy_tokens"}
+        # (listening needs --heads; the steered quantities --steer)
         assert b.get(i, "input_ids").size == item["n_prompt_tokens"]
         assert (bundle_fp32 / item["audio"]).exists()
     size = sum(f.stat().st_size for f in bundle_fp32.rglob("*") if f.is_file())
