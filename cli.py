@@ -57,18 +57,21 @@ def _steer_options(fn):
                           "listens less (needs HEADS.json)."),
         click.option("--normalize", type=click.Choice(["none", "unit", "relative"]), default="none",
                      show_default=True, help="Scale of the direction: raw, unit, or relative to |h_final[T]|."),
+        click.option("--steer-layer", type=int, default=-1, show_default=True,
+                     help="Decoder block whose output is edited (-1: the last, i.e. before the final norm)."),
     ]
     for o in reversed(opts):
         fn = o(fn)
     return fn
 
 
-def _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize):
+def _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer):
     if not steer_path and not vector_path:
         return None
     from mlx_listen.steering import config_from
 
-    cfg = config_from(steer_path, vector_path, alpha=alpha, at=steer_at, strength=strength, normalize=normalize)
+    cfg = config_from(steer_path, vector_path, alpha=alpha, at=steer_at, strength=strength, normalize=normalize,
+                      apply_layer=steer_layer)
     if strength == "listening" and not steer_path:
         raise click.UsageError("--strength listening needs --steer HEADS.json")
     return cfg
@@ -103,7 +106,7 @@ def main():
 @_steer_options
 @_friendly
 def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, system, as_json, quiet,
-        listen, heads_path, steer_path, vector_path, alpha, steer_at, strength, normalize):
+        listen, heads_path, steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer):
     """Ask QUESTION about one or more audio CLIPs (wav, flac, ogg, mp3; any rate; any channels).
 
     \b
@@ -112,58 +115,54 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
     """
     if len(args) < 2:
         raise click.UsageError("give at least one CLIP and a QUESTION")
-    *clips, question = args
-    from mlx_listen.audio import audio_features, load_audio
-    from mlx_listen.generate import generate, prepare
-    from mlx_listen.load import load
-
     if listen and not (heads_path or steer_path):
         raise click.UsageError("--listen needs --heads HEADS.json (from `mlx-listen heads`)")
+    *clips, question = args
+    from contextlib import nullcontext
+
+    from mlx_listen.audio import audio_features, load_audio
+    from mlx_listen.capture import AUDIO_MASS, Capture
+    from mlx_listen.generate import generate, prepare
     from mlx_listen.heads import HeadSet
+    from mlx_listen.load import load
+    from mlx_listen.steering import Steerer
 
     heads = HeadSet.load(heads_path or steer_path) if listen else None
-    steer_cfg = _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize)
+    steer_cfg = _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer)
     feats = [audio_features(load_audio(c), c) for c in clips]  # bad audio fails before the model loads
     mdl, processor = load(model)
     if heads:
         heads.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
     prompt = prepare(mdl, processor, feats, question, system)
-    stream = not quiet
-    if stream:
-        click.echo("=" * 10)
-    from contextlib import nullcontext
 
-    from mlx_listen.capture import AUDIO_MASS, Capture
-
-    from mlx_listen.steering import Steerer
-
+    capture = Capture(mdl, AUDIO_MASS.format("*"), prompt.audio_positions) if heads else nullcontext()
     steering = Steerer(mdl, steer_cfg).applied(prompt) if steer_cfg else nullcontext()
-    with Capture(mdl, AUDIO_MASS.format("*"), prompt.audio_positions) if heads else nullcontext() as cap, steering:
+    if not quiet:
+        click.echo("=" * 10)
+    with capture as cap, steering:
         answer = generate(
-            mdl, processor, prompt, on_text=(lambda s: click.echo(s, nl=False)) if stream else None,
+            mdl, processor, prompt, on_text=None if quiet else (lambda s: click.echo(s, nl=False)),
             max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
             repetition_penalty=repetition_penalty, seed=seed,
         )
     listening = heads.listening(cap.audio_mass(len(prompt.ids) - 1)) if heads else None
-    if stream:
-        click.echo()
-        click.echo("=" * 10)
-    else:
+    if quiet:
         click.echo(answer.text)
-    if not quiet:
-        err = sys.stderr
-        print(f"Audio: {answer.audio_seconds:.1f} s -> {answer.audio_tokens} tokens, "
-              f"encoder {answer.encode_seconds:.2f} s", file=err)
-        print(f"Prompt: {answer.prompt_tokens} tokens, {answer.prompt_tps:.3f} tokens-per-sec", file=err)
-        print(f"Generation: {answer.generation_tokens} tokens, {answer.generation_tps:.3f} tokens-per-sec",
-              file=err)
-        print(f"Peak memory: {answer.peak_memory:.3f} GB", file=err)
+    else:
+        click.echo("\n" + "=" * 10)
+        stats = [
+            f"Audio: {answer.audio_seconds:.1f} s -> {answer.audio_tokens} tokens, encoder {answer.encode_seconds:.2f} s",
+            f"Prompt: {answer.prompt_tokens} tokens, {answer.prompt_tps:.3f} tokens-per-sec",
+            f"Generation: {answer.generation_tokens} tokens, {answer.generation_tps:.3f} tokens-per-sec",
+            f"Peak memory: {answer.peak_memory:.3f} GB",
+        ]
+        if steer_cfg:
+            stats.append(f"Steering: alpha {steer_cfg.alpha} at {steer_cfg.at}, "
+                         + (f"read layers {steer_cfg.layers}" if steer_cfg.vector is None else "fixed vector"))
+        click.echo("\n".join(stats), err=True)
     if heads:
-        print(f"Listening: {listening:.4f} (mean audio attention of {len(heads.heads)} heads at the last prompt "
-              "token)", file=sys.stderr)
-    if steer_cfg and not quiet:
-        print(f"Steering: alpha {steer_cfg.alpha} at {steer_cfg.at}, "
-              + (f"read layers {steer_cfg.layers}" if steer_cfg.vector is None else "fixed vector"), file=sys.stderr)
+        click.echo(f"Listening: {listening:.4f} (mean audio attention of {len(heads.heads)} heads at the last "
+                   "prompt token)", err=True)
     if as_json:
         extra = {"listening": listening} if heads else {}
         if steer_cfg:
@@ -223,7 +222,7 @@ def parity(bundle, model, as_json):
 @click.pass_context
 @_friendly
 def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, skip_missing,  # noqa: A001
-         steer_path, vector_path, alpha, steer_at, strength, normalize, compare):
+         steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer, compare):
     """Evaluate on MMAU (greedy, official scoring); rerun the same command to resume.
 
     \b
@@ -246,7 +245,7 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
         raise click.BadParameter(f"unknown task {', '.join(bad) or '(none)'}", param_hint="--task")
     from mlx_listen.evaluate import baseline, steered
 
-    steer_cfg = _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize)
+    steer_cfg = _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer)
     if compare and not steer_cfg:
         raise click.UsageError("--compare needs --steer HEADS.json or --vector FILE")
     settings = {}

@@ -4,11 +4,12 @@ Everything runs in one process on the same random weights and is compared MLX ag
 (ratios): absolute numbers depend on the MLX backend and BLAS, not on this code.
 
 Rows: log-mel time; audio tower on the valid frames only vs HF's padded 30 s window (time and
-max |diff|); prefill/decode tok/s and peak memory of a ~290-token audio prompt through mlx-lm's
-`generate_step`, for our `language_model` and for `mlx_lm.models.qwen2.Model` holding the very
-same arrays, run interleaved so machine noise hits both equally.
+max |diff|); prefill and greedy decode tok/s and peak memory for a ~290-token audio prompt (fed
+as input_embeddings, KV cache as mlx-lm's generate_step uses it), for our model and for
+`mlx_lm.models.qwen2.Model` holding the very same arrays, interleaved (decode token by token) so
+load from other processes hits both alike.
 
-    python benchmarks/bench_model.py                # mid-size: real widths, few layers
+    python benchmarks/bench_model.py                # mid-size: real widths, few layers (~7 min, 2-core CPU)
     python benchmarks/bench_model.py --quick        # tiny smoke run (< 1 min)
 """
 

@@ -40,20 +40,24 @@ class Attention(nn.Module):
         self.rope = nn.RoPE(hd, traditional=False, base=cfg.rope_theta)
         self.probes: list[Probe] = []
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+    def __call__(self, x: mx.array, mask=None, cache=None, last_only: bool = False) -> mx.array:
+        """`last_only`: queries (and the output) for the last position only; keys for all. The last
+        row sees every key, so no mask is needed (the silence pass of steering uses this)."""
         B, L, _ = x.shape
-        q = self.q_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        xq = x[:, -1:] if last_only else x
+        Lq = xq.shape[1]
+        q = self.q_proj(xq).reshape(B, Lq, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
         offset = cache.offset if cache is not None else 0
-        q = self.rope(q, offset=offset)
+        q = self.rope(q, offset=offset + L - Lq)
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
         for probe in self.probes:
             probe(self, q, k, mask)
-        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
-        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=None if last_only else mask)
+        return self.o_proj(o.transpose(0, 2, 1, 3).reshape(B, Lq, -1))
 
 
 class MLP(nn.Module):
@@ -77,8 +81,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.hooks: list[Hook] = []
 
-    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache)
+    def __call__(self, x: mx.array, mask=None, cache=None, last_only: bool = False) -> mx.array:
+        h = (x[:, -1:] if last_only else x) + self.self_attn(self.input_layernorm(x), mask, cache, last_only)
         out = h + self.mlp(self.post_attention_layernorm(h))
         for hook in self.hooks:
             out = hook(self, out)
@@ -113,6 +117,10 @@ class LanguageModel(nn.Module):
         self.model = Qwen2Model(cfg)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def layers(self):  # what mlx-lm's cache builder looks for
+        return self.model.layers
 
     def __call__(self, inputs, cache=None, input_embeddings=None):
         out = self.model(inputs, cache, input_embeddings)

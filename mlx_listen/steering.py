@@ -61,9 +61,14 @@ class SteerConfig:
             raise ListenError(f"normalize must be one of {NORMALIZE}")
         if self.vector is None and not self.layers:
             raise ListenError("steering needs read layers (from HEADS.json) or a fixed vector")
+        if not -n_layers <= self.apply_layer < n_layers:
+            raise ListenError(f"steering layer {self.apply_layer} does not exist in this {n_layers}-layer model")
         bad = [l for l in self.layers if not 0 <= l < n_layers]
         if bad:
             raise ListenError(f"layers {bad} do not exist in this {n_layers}-layer model")
+        if self.vector is None and self.apply_layer % n_layers < max(self.layers):
+            raise ListenError(f"the steering layer ({self.apply_layer % n_layers}) comes before the deepest read layer "
+                              f"({max(self.layers)}): d(x) is not known there yet")
         if self.strength == "listening" and (not self.heads or not self.listening_mean):
             raise ListenError("strength 'listening' needs heads and their calibration mean listening score")
 
@@ -94,16 +99,17 @@ class Steerer:
         return self._silence[n_frames]
 
     def silence_residuals(self, prompt) -> dict[int, mx.array]:
-        """h_l(silence)[T] for l in L*: the same prompt with silence, run only to layer max(L*)."""
+        """h_l(silence)[T] for l in L*: the same prompt with silence, run only to layer max(L*), whose
+        output is computed for the last position alone (its keys still cover every position)."""
         from mlx_lm.models.base import create_attention_mask
 
         emb = self.model.embed(prompt.ids, [self.silence_features(c.n_frames) for c in prompt.clips])[None]
         layers = self.model.language_model.model.layers
-        want, out = set(self.config.layers), {}
+        want, out, deepest = set(self.config.layers), {}, max(self.config.layers)
         mask = create_attention_mask(emb, None)
         h = emb
-        for i in range(max(want) + 1):
-            h = layers[i](h, mask, None)
+        for i in range(deepest + 1):
+            h = layers[i](h, mask, None, last_only=i == deepest)
             if i in want:
                 out[i] = h[0, -1].astype(mx.float32)
         return out
@@ -197,7 +203,7 @@ def config_from(heads_path=None, vector_path=None, **kw) -> SteerConfig:
     if not heads_path and not vector_path:
         raise ListenError("steering needs --steer HEADS.json or --vector FILE")
     cfg = from_heads(heads_path, **kw) if heads_path else SteerConfig(**kw)
-    if vector_path:
+    if vector_path:  # the file says which block it was made for
         cfg.vector, cfg.apply_layer, _ = load_vector(vector_path)
         cfg.layers = []
     return cfg

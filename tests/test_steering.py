@@ -69,11 +69,13 @@ def test_truncated_silence_pass_equals_full_pass(tiny_gqa):
     model, processor = tiny_gqa.mlx
     clip = tone(3.1)
     prompt = prepare(model, processor, [clip], Q)
-    st = Steerer(model, SteerConfig(layers=[0]))  # stops after layer 0
-    short = st.silence_residuals(prompt)
     silent = prepare(model, processor, [np.zeros_like(clip)], Q)
     _, cap = run_with_cache(model, silent, [RESID.format(0), RESID.format(1)])
-    assert np.array_equal(np.array(short[0]), np.array(cap.resid(0).astype(mx.float32)))
+    for layers in ([0], [0, 1], [1]):  # stops after max(layers), whose last row alone is computed
+        short = Steerer(model, SteerConfig(layers=layers)).silence_residuals(prompt)
+        for l in layers:
+            full = np.array(cap.resid(l).astype(mx.float32))
+            assert np.abs(np.array(short[l]) - full).max() <= 1e-5 * max(1, np.abs(full).max())
 
 
 def test_vector_file_round_trip_and_width_check(tiny_gqa, tmp_path):
@@ -107,6 +109,10 @@ def test_bad_configs_are_refused(tiny_gqa):
         Steerer(model, SteerConfig(layers=[0], at="everywhere"))
     with pytest.raises(ListenError):
         Steerer(model, SteerConfig())
+    with pytest.raises(ListenError, match="before the deepest read layer"):
+        Steerer(model, SteerConfig(layers=[1], apply_layer=0))
+    with pytest.raises(ListenError, match="does not exist"):
+        Steerer(model, SteerConfig(layers=[0], apply_layer=5))
 
 
 def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
