@@ -10,12 +10,16 @@ import functools
 import os
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import soundfile as sf
 import soxr
 
 from .errors import AudioError
+
+if TYPE_CHECKING:  # MLX is imported lazily: the MLX-free reference side uses load_audio
+    import mlx.core as mx
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -104,7 +108,7 @@ def mel_filters() -> np.ndarray:
     return fb.astype(np.float32)
 
 
-def log_mel(audio: np.ndarray) -> "mx.array":
+def log_mel(audio: np.ndarray) -> mx.array:
     """(128, 3000) float32 log-mel of the clip padded/truncated to 30 s, as WhisperFeatureExtractor computes it."""
     import mlx.core as mx  # here, not at the top: the MLX-free reference side imports load_audio
 
@@ -123,7 +127,7 @@ def log_mel(audio: np.ndarray) -> "mx.array":
 
 @dataclass
 class AudioFeatures:
-    mel: "mx.array"  # (128, 3000)
+    mel: mx.array  # (128, 3000)
     n_frames: int  # valid frames (feature_attention_mask.sum())
     n_tokens: int  # audio tokens the encoder produces for this clip
     duration: float  # seconds of the input, before truncation

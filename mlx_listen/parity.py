@@ -19,8 +19,8 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import audio_features, load_audio
-from .capture import run_with_cache
 from .bundle import FINGERPRINT_SLICES, Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
+from .capture import run_with_cache
 from .errors import ListenError
 from .generate import generate, prepare
 from .load import load_model, load_processor, model_dtype, resolve

@@ -19,7 +19,6 @@ import json
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np

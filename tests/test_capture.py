@@ -21,7 +21,6 @@ def hf_eager(tiny):
 def hf_attentions(hf_eager, clips, question, encoder_layer=None):
     """Decoder attention weights (and, optionally, one encoder layer's, via a forward hook)."""
     import torch
-
     from mlx_listen.convert.reference import hf_inputs
 
     model, proc = hf_eager

@@ -18,9 +18,9 @@ import pytest
 import soundfile as sf
 from click.testing import CliRunner
 from conftest import SR, tone
+from mlx_listen.app.cli import main
 
 from mlx_listen import __version__
-from mlx_listen.app.cli import main
 from mlx_listen.audio import load_audio
 from mlx_listen.generate import generate, prepare
 

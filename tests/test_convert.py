@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 from conftest import tone
 from mlx.utils import tree_flatten
-
 from mlx_listen.convert.convert import convert
+
 from mlx_listen.errors import ModelError
 from mlx_listen.generate import generate, prepare
 from mlx_listen.load import load, model_dtype

@@ -30,9 +30,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
+from mlx_listen.app.cli import main
 
 from mlx_listen import evaluate, mmau
-from mlx_listen.app.cli import main
 
 MAX_TOKENS = 4
 N_DEMO = 28  # make-demo-set's default: 7 kinds x 4

@@ -20,10 +20,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 from conftest import tone
+from mlx_listen.app.cli import main
 
 from mlx_listen import heads as H
 from mlx_listen import mmau
-from mlx_listen.app.cli import main
 from mlx_listen.demo_set import make_demo_set
 from mlx_listen.errors import ListenError
 

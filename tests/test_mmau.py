@@ -11,8 +11,17 @@ import pytest
 
 from mlx_listen.errors import ListenError
 from mlx_listen.mmau import (
-    PROMPTS, build_prompt, compare, extract_answer, file_sha256, load_items, mcnemar_exact, score,
-    string_match, tokens, wilson,
+    PROMPTS,
+    build_prompt,
+    compare,
+    extract_answer,
+    file_sha256,
+    load_items,
+    mcnemar_exact,
+    score,
+    string_match,
+    tokens,
+    wilson,
 )
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmau"

@@ -157,6 +157,7 @@ def test_bf16_drift_within_hf_own_drift(tiny, tmp_path):
     """bf16: the MLX model's error against HF fp32 is at most 2x HF bf16's own error against HF fp32."""
     from mlx_listen.convert import reference as R
     from mlx_listen.convert.convert import convert
+
     from mlx_listen.load import load
 
     clips, q = [tone(3.0)], "What is this sound?"

@@ -118,6 +118,7 @@ def test_bad_configs_are_refused(tiny_gqa):
 def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
     """The reference run records the PyTorch steering; `parity` recomputes and checks it."""
     from mlx_listen.convert.reference_run import make_bundle, read_items
+
     from mlx_listen.parity import parity
 
     sf.write(tmp_path / "a.wav", tone(2.2), SR)
@@ -140,8 +141,8 @@ def _split_rows(run):
 
 def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     from click.testing import CliRunner
-
     from mlx_listen.app.cli import main
+
     from mlx_listen.demo_set import make_demo_set
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=2)
