@@ -90,3 +90,16 @@ def _tiny(request, root, name) -> Tiny:
     if name not in _BUILT:
         _BUILT[name] = Tiny(root, name)
     return _BUILT[name]
+
+
+def invoke(*args, env=None):
+    """`mlx-listen ARGS...` in-process (click's CliRunner; stdout and stderr kept apart)."""
+    from click.testing import CliRunner
+    from mlx_listen.app.cli import main
+
+    return CliRunner(env=env).invoke(main, [str(a) for a in args])
+
+
+def ok(result):
+    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
+    return result

@@ -16,9 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
-from conftest import SR, tone
-from mlx_listen.app.cli import main
+from conftest import SR, invoke, ok, tone
 
 from mlx_listen import __version__
 from mlx_listen.audio import load_audio
@@ -49,15 +47,6 @@ def cwd(tmp_path, monkeypatch) -> Path:
     work.mkdir()
     monkeypatch.chdir(work)
     return work
-
-
-def invoke(*args, env=None):
-    return CliRunner(env=env).invoke(main, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def streamed(stdout: str) -> str:

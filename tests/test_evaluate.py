@@ -29,22 +29,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from click.testing import CliRunner
-from mlx_listen.app.cli import main
+from conftest import invoke, ok
 
 from mlx_listen import evaluate, mmau
 
 MAX_TOKENS = 4
 N_DEMO = 28  # make-demo-set's default: 7 kinds x 4
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def one_line_error(result) -> str:

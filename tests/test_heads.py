@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import tone
-from mlx_listen.app.cli import main
+from conftest import invoke, ok, tone
 
 from mlx_listen import heads as H
 from mlx_listen import mmau
@@ -32,15 +30,6 @@ N_DEMO = 28
 K = 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 QUESTION = "What does the audio contain?"
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\n{result.output}\n{result.exception!r}"
-    return result
 
 
 def one_line_error(result) -> str:
