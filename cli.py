@@ -65,6 +65,31 @@ def _steer_options(fn):
     return fn
 
 
+def _data_options(required: bool = True, max_tokens: bool = True):
+    """--model/--data/--audio-dir/--limit/--prompt[/--max-tokens]: every command that runs a data set."""
+    from mlx_listen.mmau import DEFAULT_PRESET, PROMPTS
+
+    opts = [
+        click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True, help="MLX or HF folder, or a repo id."),
+        click.option("--data", required=required, type=click.Path(exists=True, dir_okay=False),
+                     help="MMAU-format JSON (labelled items)."),
+        click.option("--audio-dir", required=required, type=click.Path(exists=True, file_okay=False),
+                     help="Folder the items' audio_id paths are relative to."),
+        click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N items."),
+        click.option("--prompt", default=DEFAULT_PRESET, show_default=True, type=click.Choice(list(PROMPTS)),
+                     help="Prompt preset (shared/design/mmau.md §7)."),
+    ]
+    if max_tokens:
+        opts.append(click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True))
+
+    def apply(fn):
+        for o in reversed(opts):
+            fn = o(fn)
+        return fn
+
+    return apply
+
+
 def _steer_config(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer):
     if not steer_path and not vector_path:
         return None
@@ -205,16 +230,10 @@ def parity(bundle, model, as_json):
 
 
 @main.group(invoke_without_command=True)
-@click.option("--data", type=click.Path(exists=True, dir_okay=False), help="MMAU-format JSON (test-mini).")
-@click.option("--audio-dir", type=click.Path(exists=True, file_okay=False),
-              help="Folder the items' audio_id paths are relative to.")
-@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True, help="MLX or HF folder, or a repo id.")
+@_data_options(required=False)  # not required: `eval score` and `eval compare` need none of them
 @click.option("--out", type=click.Path(file_okay=False), help="Run folder (resumable).")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N items (after --task).")
-@click.option("--task", "tasks", default="sound,music,speech", show_default=True, help="Comma-separated tasks.")
-@click.option("--prompt", default="r1-aqa", show_default=True,
-              type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]), help="Prompt preset (shared/design/mmau.md §7).")
-@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--task", "tasks", default="sound,music,speech", show_default=True,
+              help="Comma-separated tasks (applied before --limit).")
 @click.option("--skip-missing", is_flag=True, help="Go on without items whose audio file is missing.")
 @_steer_options
 @click.option("--compare", is_flag=True, help="With --steer/--vector: run the baseline and the steered model on "
@@ -375,15 +394,10 @@ def attention(clip, question, model, json_out, heads_path, png, system):
 
 
 @main.command()
-@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True, help="MLX or HF folder, or a repo id.")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Labelled MMAU-format JSON.")
-@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@_data_options()
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="HEADS.json to write.")
 @click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Heads to select.")
-@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N items.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the random-head control in the plots.")
-@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
-@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
 @_friendly
 def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens):
     """Find the audio-specialist heads on a calibration set (resumable; rerun to continue).
@@ -444,14 +458,9 @@ def _check_records_meta(records, meta: dict):
 
 @main.command("validate-heads")
 @click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True)
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@_data_options()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder (resumable).")
-@click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--seed", default=0, show_default=True, help="Bootstrap and random-control seed.")
-@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
-@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
 @_friendly
 def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt, max_tokens):
     """Does the listening score rise when the audio changes the answer? (audio vs equal-length silence)"""
@@ -502,13 +511,9 @@ def steer():
 
 @steer.command("build")
 @click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True)
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False), help="Calibration items (MMAU format).")
-@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@_data_options(max_tokens=False)  # a direction needs prefills only, no answers
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Vector file (.safetensors).")
-@click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--alpha", type=float, default=1.0, show_default=True, help="Default strength stored with the vector.")
-@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
 @_friendly
 def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt):
     """A fixed direction: the mean of the per-input audio-silence directions over calibration items."""
@@ -532,19 +537,14 @@ def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt):
 
 @steer.command("sweep")
 @click.option("--heads", "heads_path", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True)
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--audio-dir", required=True, type=click.Path(exists=True, file_okay=False))
+@_data_options()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Sweep folder (resumable).")
 @click.option("--alphas", default="0,0.5,1,2,4", show_default=True, help="Comma-separated strengths.")
 @click.option("--calib-fraction", default=0.5, show_default=True, type=click.FloatRange(0.05, 0.95))
 @click.option("--seed", default=0, show_default=True, help="Split and random-control seed.")
 @click.option("--random-controls", default=1, show_default=True, type=click.IntRange(min=0),
               help="Random-head control sets (same K) swept alongside.")
-@click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--task", "tasks", default="sound,music,speech", show_default=True)
-@click.option("--prompt", default="r1-aqa", show_default=True, type=click.Choice(["r1-aqa", "mmau", "r1-aqa-think"]))
-@click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--steer-at", type=click.Choice(["all", "prompt"]), default="all", show_default=True)
 @_friendly
 def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction, seed, random_controls, limit, tasks,
