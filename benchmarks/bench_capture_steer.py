@@ -24,6 +24,7 @@ from bench_model import DTYPES, build_model  # same random mid-size model as ben
 
 from mlx_listen.audio import SAMPLE_RATE, audio_features
 from mlx_listen.capture import AUDIO_MASS, Capture
+from mlx_listen.generate import Prompt
 from mlx_listen.steering import SteerConfig, Steerer
 
 
@@ -42,17 +43,15 @@ def parse_args():
     return p.parse_args()
 
 
-class Prompt:  # what generate.prepare returns, built without a tokenizer
-    def __init__(self, model, feats, n_text=40):
-        n_tok = feats.n_tokens
-        audio_id = model.config.audio_token_index
-        rng = np.random.default_rng(0)
-        self.ids = [int(x) for x in rng.integers(0, audio_id - 1, 10)] + [audio_id] * n_tok + \
-                   [int(x) for x in rng.integers(0, audio_id - 1, n_text - 10)]
-        self.clips = [feats]
-        self.audio_positions = np.arange(10, 10 + n_tok)
-        self.embeddings = model.embed(self.ids, [model.encode_audio(feats.mel, feats.n_frames)])
-        mx.eval(self.embeddings)
+def make_prompt(model, feats, n_text=40) -> Prompt:
+    """What generate.prepare returns, built without a tokenizer: random text around the audio run."""
+    n_tok, audio_id = feats.n_tokens, model.config.audio_token_index
+    rng = np.random.default_rng(0)
+    ids = [int(x) for x in rng.integers(0, audio_id - 1, 10)] + [audio_id] * n_tok + \
+          [int(x) for x in rng.integers(0, audio_id - 1, n_text - 10)]
+    emb = model.embed(ids, [model.encode_audio(feats.mel, feats.n_frames)])
+    mx.eval(emb)
+    return Prompt(ids, emb, [feats], np.arange(10, 10 + n_tok))
 
 
 def prefill(model, prompt, capture: bool):
@@ -80,7 +79,7 @@ def answer(model, feats, n_tokens: int, steerer=None):
     from mlx_lm.generate import generate_step
 
     tic = time.perf_counter()
-    prompt = Prompt(model, feats)
+    prompt = make_prompt(model, feats)
     with steerer.applied(prompt) if steerer else nullcontext():
         for n, _ in zip(range(n_tokens), generate_step(mx.array(prompt.ids), model, max_tokens=n_tokens,
                                                        input_embeddings=prompt.embeddings)):
@@ -97,7 +96,7 @@ def main():
     read = [int(x) for x in a.read_layers.split(",")] if a.read_layers else list(range(max(1, n_layers // 2)))
     clip = (0.3 * np.sin(2 * np.pi * 440 * np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
     feats = audio_features(clip)
-    prompt = Prompt(model, feats)
+    prompt = make_prompt(model, feats)
     rows = {}
     print("| measurement | off / unsteered | on / steered | ratio |\n|---|---|---|---|", flush=True)
 

@@ -27,13 +27,19 @@ class Prompt:
     ids: list[int]
     embeddings: mx.array  # (T, hidden): text embeddings with the audio features merged in
     clips: list[AudioFeatures]
-    audio_seconds: float
-    encode_seconds: float
     audio_positions: np.ndarray = field(repr=False)  # indices of the <|AUDIO|> tokens
+    encode_seconds: float = 0.0
+    # Values derived from this prompt that several answers to it share (e.g. the silence pass of
+    # steering, the same for every alpha of a sweep), keyed by who computed them.
+    cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def n_audio_tokens(self) -> int:
         return int(self.audio_positions.size)
+
+    @property
+    def audio_seconds(self) -> float:
+        return sum(c.duration for c in self.clips)
 
 
 def as_features(clip, name: str | None = None) -> AudioFeatures:
@@ -64,7 +70,7 @@ def prepare(
     encode_seconds = time.perf_counter() - tic
     emb = model.embed(ids, audio)
     positions = np.flatnonzero(np.asarray(ids) == model.config.audio_token_index)
-    return Prompt(ids, emb, feats, sum(f.duration for f in feats), encode_seconds, positions)
+    return Prompt(ids, emb, feats, positions, encode_seconds)
 
 
 def stream_generate(

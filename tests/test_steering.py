@@ -171,3 +171,15 @@ def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     from mlx_listen.sweep import split_ids
 
     assert split_ids(load_items(demo), 0.5, 3) == (res["splits"]["calibration"], res["splits"]["test"])
+
+
+def test_silence_pass_is_shared_between_answers_to_one_prompt(tiny_gqa):
+    """A sweep answers the same prompt at several alphas: one silence pass serves them all, and
+    reusing it changes nothing."""
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [tone(2.0)], Q)
+    Steerer(model, SteerConfig(layers=[0, 1], alpha=1.0)).generate(processor, prompt, max_tokens=8)
+    b = Steerer(model, SteerConfig(layers=[0, 1], alpha=3.0)).generate(processor, prompt, max_tokens=8)
+    assert len(prompt.cache) == 1
+    fresh = prepare(model, processor, [tone(2.0)], Q)
+    assert b.tokens == Steerer(model, SteerConfig(layers=[0, 1], alpha=3.0)).generate(processor, fresh, max_tokens=8).tokens
