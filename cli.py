@@ -469,9 +469,8 @@ def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt,
     import numpy as np
 
     from mlx_listen import mmau
-    from mlx_listen.heads import HeadSet, random_heads, validate, validation_records
+    from mlx_listen.heads import HeadSet, plot_listening_split, validate, validation_records
     from mlx_listen.load import load
-    from mlx_listen.plots import listening_plot
 
     out = Path(out)
     hs = HeadSet.load(heads_path)
@@ -484,13 +483,9 @@ def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt,
     rows = validation_records(mdl, processor, items, Path(audio_dir), records, prompt, max_tokens)
     rep = validate(hs, rows, seed)
     (out / "validation.json").write_text(json.dumps(rep, indent=2))
-    mass = np.array([r["audio_mass"] for r in rows])
-    changed = np.array([r["changed"] for r in rows], bool)
-    rand = HeadSet(random_heads(*mass.shape[1:], len(hs.heads), seed))
-    L = np.array([hs.listening(m) for m in mass])
-    Lr = np.array([rand.listening(m) for m in mass])
-    listening_plot({"selected heads": (L[changed], L[~changed]), "random heads (control)": (Lr[changed], Lr[~changed])},
-                   ("audio changed answer", "unchanged"), out / "validation.png")
+    plot_listening_split(hs, np.array([r["audio_mass"] for r in rows]), np.array([r["changed"] for r in rows], bool),
+                         ("audio changed answer", "unchanged"), out / "validation.png", seed)
+
     def f(v, spec=".4f"):
         return "n/a" if v is None else format(v, spec)
 

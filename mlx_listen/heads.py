@@ -173,15 +173,23 @@ def write_side_files(headset: HeadSet, rows: list[dict], out: Path, seed: int):
             lines.append(f"{l},{h},{s[l, h]:.6f},{int((l, h) in selected)},{m.mean():.6f},"
                          f"{m[correct].mean():.6f},{m[~correct].mean():.6f}")
     out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
-    listen = np.array([headset.listening(m) for m in mass])
-    rand = HeadSet(random_heads(*s.shape, len(headset.heads), seed))
-    listen_rand = np.array([rand.listening(m) for m in mass])
-    from .plots import listening_plot, score_heatmap
+    from .plots import score_heatmap
 
     score_heatmap(s, headset.heads, out.with_name(out.stem + ".scores.png"))
-    listening_plot({"selected heads": (listen[correct], listen[~correct]),
-                    "random heads (control)": (listen_rand[correct], listen_rand[~correct])},
-                   ("correct", "wrong"), out.with_name(out.stem + ".listening.png"))
+    plot_listening_split(headset, mass, correct, ("correct", "wrong"), out.with_name(out.stem + ".listening.png"), seed)
+
+
+def plot_listening_split(headset: HeadSet, mass: np.ndarray, flag: np.ndarray, labels: tuple[str, str], path: Path,
+                         seed: int):
+    """L(x) of the items where `flag` holds against the rest, for the heads and a random-head control."""
+    from .plots import listening_plot
+
+    rand = HeadSet(random_heads(*mass.shape[1:], len(headset.heads), seed))
+    groups = {}
+    for name, hs in (("selected heads", headset), ("random heads (control)", rand)):
+        L = np.array([hs.listening(m) for m in mass])
+        groups[name] = (L[flag], L[~flag])
+    listening_plot(groups, labels, path)
 
 
 # -- validation: does L rise when the audio matters? -------------------------------------------
