@@ -17,7 +17,7 @@ import numpy as np
 
 from . import mmau
 from .errors import ListenError
-from .evaluate import EvalSpec, baseline, run_eval, steered, write_atomic
+from .evaluate import EvalSpec, baseline, read_predictions, run_eval, steered, write_atomic
 from .heads import HeadSet, random_heads
 from .steering import SteerConfig
 
@@ -71,18 +71,13 @@ def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib
                         "random": [{f"{a:g}": acc[_name(a, i)] for a in alphas} for i in range(n_random)]},
         "chosen_alpha": best,
         "test": {"base": tst["base"].to_dict()["accuracy"], "steered": tst[_name(best)].to_dict()["accuracy"],
-                 "compare": mmau.compare(_rows(out / "test"), _rows(out / "test" / _name(best)))},
+                 "compare": mmau.compare(read_predictions(out / "test"),
+                                         read_predictions(out / "test" / _name(best)))},
         "data_sha256": mmau.file_sha256(spec.data), "model": spec.model, "prompt": spec.prompt,
     }
     write_atomic(out / "sweep.json", json.dumps(result, indent=2))
     _plot(result, out / "sweep.png")
     return result
-
-
-def _rows(run_dir: Path) -> list[dict]:
-    from .evaluate import read_predictions
-
-    return read_predictions(run_dir)
 
 
 def _plot(result: dict, path: Path):
