@@ -1,6 +1,6 @@
 """`mlx-listen`: the command line, a thin click layer over `mlx_listen` and `mlx_listen.convert`.
 
-Installed as `mlx_listen.app.cli` (see pyproject.toml). User errors (`ListenError`) print one
+Installed as `mlx_listen.cli` (a symlink in the package; see pyproject.toml). User errors (`ListenError`) print one
 line on stderr and exit 1, never a traceback.
 """
 

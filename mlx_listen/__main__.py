@@ -1,3 +1,3 @@
-from mlx_listen.app.cli import main
+from mlx_listen.cli import main
 
 main()

@@ -342,10 +342,7 @@ def test_a_corrupt_line_in_the_middle_is_an_error(demo, tiny_gqa, full_run, scri
 
 
 def test_resume_after_sigkill(demo, tiny_gqa, tmp_path, monkeypatch):
-    """A real `mlx-listen eval` process, SIGKILLed once a few items are written, then rerun.
-
-    Subprocesses run outside the repository: `python -m mlx_listen` from its root would import the
-    source folder, which has no `mlx_listen.app` (that package exists only once installed)."""
+    """A real `mlx-listen eval` process, SIGKILLed once a few items are written, then rerun."""
     items = demo[2]
     out = tmp_path / "run"
     path = out / "predictions.jsonl"

@@ -141,7 +141,7 @@ def _split_rows(run):
 
 def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     from click.testing import CliRunner
-    from mlx_listen.app.cli import main
+    from mlx_listen.cli import main
 
     from mlx_listen.demo_set import make_demo_set
 
