@@ -1,4 +1,12 @@
-"""Audio front end vs transformers' WhisperFeatureExtractor (torch path), the Qwen2-Audio processor's reference."""
+"""Audio front end vs transformers' WhisperFeatureExtractor (torch path), the Qwen2-Audio processor's reference;
+file loading: the 30 s partial read, damaged files, warnings."""
+
+import math
+import pickle
+import struct
+import subprocess
+import sys
+import warnings
 
 import mlx.core as mx
 import numpy as np
@@ -11,7 +19,7 @@ from transformers.audio_utils import mel_filter_bank
 from transformers.models.qwen2_audio.modeling_qwen2_audio import Qwen2AudioEncoder
 
 from mlx_listen import audio as A
-from mlx_listen.errors import AudioError
+from mlx_listen.errors import AudioError, AudioWarning, DamagedAudioWarning, ListenWarning, TruncatedAudioWarning
 
 SR = 16000
 
@@ -125,10 +133,15 @@ def test_num_audio_tokens_small():
 
 
 def test_audio_features_fields(capsys):
-    f = A.audio_features(tone(2.5), name="clip.wav")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f = A.audio_features(tone(2.5), name="clip.wav")
     assert (f.n_frames, f.n_tokens, f.duration, f.truncated) == (250, 62, 2.5, False)
+    assert (f.seconds_used, f.damage, f.damaged) == (2.5, None, False)
     assert f.mel.shape == (128, 3000)
-    assert capsys.readouterr().err == ""
+    assert f.to_dict() == {"audio_seconds": 2.5, "audio_seconds_used": 2.5, "audio_tokens": 62,
+                           "audio_truncated": False, "audio_damage": None}
+    assert capsys.readouterr() == ("", "")
 
 
 @pytest.mark.parametrize("n", [0, 1, 160, 320])
@@ -142,10 +155,16 @@ def test_audio_features_shortest_ok():
 
 
 def test_audio_features_truncates_with_warning(capsys):
-    f = A.audio_features(tone(45.0, seed=4), name="long.wav")
+    with pytest.warns(TruncatedAudioWarning) as record:
+        f = A.audio_features(tone(45.0, seed=4), name="long.wav")
     assert f.truncated and f.duration == 45.0 and f.n_frames == 3000 and f.n_tokens == 750
-    err = capsys.readouterr().err
-    assert err == "[WARNING] long.wav: 45.0 s clip truncated to its first 30 s (Qwen2-Audio's window)\n"
+    assert f.seconds_used == 30.0 and not f.damaged
+    assert [str(w.message) for w in record] == [
+        "long.wav: 45.0 s clip truncated to its first 30 s (Qwen2-Audio's window)"]
+    assert record[0].filename == __file__  # stacklevel: the warning points at the caller, not at audio.py
+    assert issubclass(TruncatedAudioWarning, AudioWarning) and issubclass(AudioWarning, ListenWarning)
+    assert issubclass(ListenWarning, UserWarning)
+    assert capsys.readouterr() == ("", "")  # library code does not print
     np.testing.assert_array_equal(np.array(f.mel), np.array(A.log_mel(tone(45.0, seed=4)[: A.CHUNK_SAMPLES])))
 
 
@@ -168,7 +187,8 @@ def test_load_stereo_44k_wav(tmp_path):
     assert audio.dtype == np.float32 and audio.ndim == 1 and audio.flags.c_contiguous
     assert abs(audio.shape[0] - seconds * SR) <= 2
     expected = soxr.resample(stereo.astype(np.float32).mean(axis=1), sr, SR, quality="HQ")
-    np.testing.assert_allclose(audio, expected, atol=1e-6)
+    np.testing.assert_array_equal(audio, expected)  # bitwise: same mono mix, same resampler
+    assert (audio.duration, audio.source_rate, audio.truncated, audio.damage) == (1.5, sr, False, None)
 
 
 def test_load_16k_is_not_resampled(tmp_path):
@@ -231,3 +251,201 @@ def test_load_empty_wav(tmp_path):
 def test_load_directory(tmp_path):
     with pytest.raises(AudioError, match="not a readable audio file"):
         A.load_audio(tmp_path)
+
+
+# --- the 30 s partial read ---------------------------------------------------------------------------------
+
+
+def whole_file_then_window(path):
+    """What load_audio did before the partial read (the old code): decode everything, mix, resample, then cut."""
+    data, sr = sf.read(path, dtype="float32", always_2d=True)
+    audio = data.mean(axis=1, dtype=np.float32)
+    if sr != SR:
+        audio = soxr.resample(audio, sr, SR, quality="HQ")
+    return audio
+
+
+def write_long(path, sr, seconds, channels=1, subtype="PCM_16", seed=0, **kw):
+    rng = np.random.default_rng(seed)
+    n = int(round(sr * seconds))
+    t = np.arange(n) / sr
+    x = 0.3 * np.sin(2 * np.pi * 440 * t)[:, None] + 0.05 * rng.standard_normal((n, channels))
+    sf.write(path, x.astype(np.float32), sr, subtype=subtype, **kw)
+    return path
+
+
+class FrameCounter:
+    """Counts the frames load_audio asks libsndfile for."""
+
+    def __init__(self, monkeypatch):
+        self.frames = 0
+        read = sf.SoundFile.read
+
+        def counting(f, frames=-1, *a, **kw):
+            out = read(f, frames, *a, **kw)
+            self.frames += out.shape[0]
+            return out
+
+        monkeypatch.setattr(sf.SoundFile, "read", counting)
+
+
+@pytest.mark.parametrize("sr,channels", [(16000, 1), (44100, 2), (22050, 1), (48000, 1)])
+def test_partial_read_is_bitwise_the_whole_file_window(tmp_path, monkeypatch, sr, channels):
+    path = write_long(tmp_path / "long.wav", sr, 75.0, channels)
+    whole = whole_file_then_window(path)
+    counter = FrameCounter(monkeypatch)
+    with pytest.warns(TruncatedAudioWarning, match=r"long\.wav: 75\.0 s clip truncated"):
+        audio = A.load_audio(path)
+        f = A.audio_features(audio)
+    # Measured: bitwise equal at every rate (see RESAMPLE_MARGIN_SECONDS), not just float noise.
+    np.testing.assert_array_equal(audio, whole[: A.CHUNK_SAMPLES])
+    window = A.CHUNK_SAMPLES if sr == SR else math.ceil(A.CHUNK_SAMPLES * sr / SR) + sr
+    assert counter.frames == window  # only the window (and the resampler's 1 s margin) was decoded
+    assert isinstance(audio, A.Audio) and audio.shape == (A.CHUNK_SAMPLES,) and audio.flags.c_contiguous
+    assert (audio.duration, audio.truncated, audio.source_rate, audio.damage) == (75.0, True, sr, None)
+    assert (f.duration, f.seconds_used, f.truncated, f.n_frames, f.n_tokens) == (75.0, 30.0, True, 3000, 750)
+    np.testing.assert_array_equal(np.array(f.mel), np.array(A.log_mel(whole)))
+    full = A.load_audio(path, full=True)
+    np.testing.assert_array_equal(full, whole)
+    assert (full.duration, full.truncated) == (75.0, False)  # nothing was cut from what it returns
+
+
+@pytest.mark.parametrize("seconds", [29.99, 30.0, 30.5, 31.0])
+def test_window_edges(tmp_path, seconds):
+    # Around 30 s at 44.1 kHz: the whole file may fit in the read window (30 s + margin) yet resample past 30 s.
+    path = write_long(tmp_path / "edge.wav", 44100, seconds)
+    whole = whole_file_then_window(path)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        audio = A.load_audio(path)
+        f = A.audio_features(audio)
+    np.testing.assert_array_equal(audio, whole[: A.CHUNK_SAMPLES])
+    assert audio.truncated == f.truncated == (whole.shape[0] > A.CHUNK_SAMPLES) == (seconds > 30)
+    assert [w.category for w in record] == ([TruncatedAudioWarning] if seconds > 30 else [])
+    assert f.seconds_used == min(seconds, 30.0) and f.duration == pytest.approx(seconds, abs=1e-9)
+
+
+def test_partial_read_mp3(tmp_path):
+    path = tmp_path / "long.mp3"
+    try:
+        write_long(path, 24000, 40.0, subtype="MPEG_LAYER_III", format="MP3")
+    except Exception as e:  # libsndfile builds without an encoder
+        pytest.skip(f"cannot write MP3: {e}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DamagedAudioWarning)
+        audio = A.load_audio(path)
+    np.testing.assert_array_equal(audio, whole_file_then_window(path)[: A.CHUNK_SAMPLES])
+    assert audio.truncated and audio.duration == pytest.approx(40.0, abs=0.05)
+
+
+def test_facts_belong_to_the_loaded_array_only(tmp_path):
+    audio = A.load_audio(write_long(tmp_path / "long.wav", SR, 40.0))
+    assert pickle.loads(pickle.dumps(audio)).duration == 40.0
+    for derived in (np.zeros_like(audio), audio[:1000], audio.copy(), audio * 1.0, np.asarray(audio)):
+        assert getattr(derived, "duration", None) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        silence = A.audio_features(np.zeros_like(audio), "silence")  # a silence pass of the window: not truncated
+    assert (silence.duration, silence.truncated, silence.n_tokens) == (30.0, False, 750)
+    assert type(audio.mean()) is np.float32 and type(audio + 1) is np.ndarray
+
+
+def test_load_audio_without_mlx(tmp_path):
+    path = write_long(tmp_path / "a.wav", 44100, 2.0)
+    code = ("import sys; sys.modules['mlx'] = None\n"  # any `import mlx...` now raises ImportError
+            "from mlx_listen.audio import load_audio\n"
+            f"a = load_audio({str(path)!r}); assert a.shape == (32000,) and a.duration == 2.0\n"
+            "assert 'torch' not in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+# --- damaged files -------------------------------------------------------------------------------------
+
+
+def cut(path, keep, out=None):
+    data = path.read_bytes()
+    out = out or path.with_name("cut_" + path.name)
+    out.write_bytes(data[: int(len(data) * keep)] if isinstance(keep, float) else data[:keep])
+    return out
+
+
+@pytest.mark.parametrize("subtype,fmt", [("PCM_16", "WAV"), ("FLOAT", "WAV"), ("PCM_24", "AIFF"), ("PCM_16", "W64")])
+def test_header_promises_more_than_the_file_holds(tmp_path, subtype, fmt, capsys):
+    good = write_long(tmp_path / f"a.{fmt.lower()}", SR, 10.0, subtype=subtype, format=fmt)
+    bad = cut(good, 0.5)
+    with pytest.warns(DamagedAudioWarning) as record:
+        audio = A.load_audio(bad)
+    assert len(record) == 1 and record[0].filename == __file__
+    msg = str(record[0].message)
+    assert msg.startswith(f"{bad}: damaged file: cut short") and "about 10.0" in msg
+    assert audio.damage == msg and audio.damaged
+    n = audio.shape[0]
+    assert 4.9 * SR < n < 5.1 * SR and audio.duration == n / SR and not audio.truncated
+    np.testing.assert_array_equal(audio, A.load_audio(good)[:n])  # what is there is used as is
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # already warned by load_audio: recorded, not repeated
+        f = A.audio_features(audio)
+    assert f.damage == msg and f.to_dict()["audio_damage"] == msg and f.seconds_used == n / SR
+    assert capsys.readouterr() == ("", "")
+
+
+def test_flac_cut_mid_stream(tmp_path):
+    good = write_long(tmp_path / "a.flac", 44100, 20.0, channels=2, format="FLAC")
+    bad = cut(good, 0.5)
+    with pytest.warns(DamagedAudioWarning, match=r"cut_a\.flac: damaged file: decoding failed at .* s of the "
+                                                 r"20\.00 s its header promises \(.*\)"):
+        audio = A.load_audio(bad)
+    src = audio.duration * 44100
+    assert 5 * 44100 < src < 15 * 44100 and audio.damaged
+    # the decoded part, resampled, is what the intact file gives for those samples (up to the resampler's tail)
+    head = A.load_audio(good)[: round(src * SR / 44100) - SR]
+    np.testing.assert_array_equal(audio[: head.shape[0]], head)
+
+
+def test_mp3_cut_mid_frame(tmp_path):
+    good = tmp_path / "a.mp3"
+    try:
+        write_long(good, SR, 10.0, subtype="MPEG_LAYER_III", format="MP3")
+    except Exception as e:
+        pytest.skip(f"cannot write MP3: {e}")
+    bad = cut(good, 0.6)
+    with pytest.warns(DamagedAudioWarning, match=r"cut_a\.mp3: damaged file: the file ends at .* s but its header "
+                                                 r"promises 10\.00 s"):
+        audio = A.load_audio(bad)
+    assert 4 * SR < audio.shape[0] < 8 * SR and audio.duration == audio.shape[0] / SR
+
+
+def test_damage_past_the_window_in_a_full_read(tmp_path):
+    good = write_long(tmp_path / "a.flac", SR, 60.0, format="FLAC")
+    bad = cut(good, 0.8)  # damaged at ~48 s: the 30 s window reads fine
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DamagedAudioWarning)
+        with pytest.warns(TruncatedAudioWarning):
+            A.audio_features(A.load_audio(bad))
+    with pytest.warns(DamagedAudioWarning, match="decoding failed"):
+        assert A.load_audio(bad, full=True).shape[0] > 40 * SR
+
+
+@pytest.mark.parametrize("size", [0xFFFFFFFF, 0xFFFFFFFF - 1])
+def test_streamed_wav_sizes_are_not_damage(tmp_path, size):
+    path = write_long(tmp_path / "s.wav", SR, 2.0)
+    b = bytearray(path.read_bytes())
+    b[4:8] = struct.pack("<I", size)  # writers that stream (e.g. to a pipe) never fill the sizes in
+    i = b.find(b"data")
+    b[i + 4:i + 8] = struct.pack("<I", size)
+    path.write_bytes(bytes(b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        audio = A.load_audio(path)
+    assert audio.shape == (2 * SR,) and not audio.damaged
+
+
+def test_riff_size_off_by_a_few_bytes_is_not_damage(tmp_path):
+    path = write_long(tmp_path / "r.wav", SR, 1.0)
+    b = bytearray(path.read_bytes())
+    b[4:8] = struct.pack("<I", len(b))  # a common writer bug: RIFF size = file size instead of file size - 8
+    path.write_bytes(bytes(b))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not A.load_audio(path).damaged

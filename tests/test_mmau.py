@@ -1,5 +1,6 @@
 """MMAU scoring: the official string match and report, checked on hand-made cases and on the
-golden values of shared/design/mmau.md §6.6 (computed there with MMAU's own evaluation.py)."""
+golden values of shared/design/mmau.md §6.6 (computed there with MMAU's own evaluation.py), over the
+two test-mini answer keys shipped in tests/data/mmau/ (byte-exact upstream copies, sha256-checked)."""
 
 from __future__ import annotations
 
@@ -24,11 +25,10 @@ from mlx_listen.mmau import (
     wilson,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mmau"
+DATA = Path(__file__).resolve().parent / "data" / "mmau"  # shipped with the tests: never skipped
 FILES = {"v05.15.25": DATA / "mmau-test-mini.json", "orig": DATA / "mmau-test-mini-pre-v05.15.25.json"}
 SHA = {"v05.15.25": "9f18fda99f8dbc2bc5ecd6323fb5063309f54969810b5c6f1caeb3b8d904cf1c",
        "orig": "e8cc09223b497191781756212cb616315690aaa6ea7ac359db1b65d97d1e2433"}
-real_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"MMAU test-mini JSONs not checked out at {DATA}")
 
 MWCR = ["Man", "Woman", "Child", "Robot"]
 GUITAR = ["Acoustic guitar", "Electric guitar", "Piano", "Drums"]
@@ -254,14 +254,21 @@ GOLDEN = {  # percent, one decimal, from design/mmau.md §6.6
 
 @pytest.fixture(scope="module")
 def real():
+    # The golden values hold for these exact bytes: a changed file must fail here, not pass with other numbers.
+    for version, path in FILES.items():
+        assert file_sha256(path) == SHA[version], f"{path} is not the upstream MMAU {version} file"
     return {v: load_items(p) for v, p in FILES.items()}
 
 
-@real_data
+@pytest.mark.parametrize("version", list(FILES))
+def test_answer_key_sha256(version):
+    assert file_sha256(FILES[version]) == SHA[version]
+    assert SHA[version] in (DATA / "README.md").read_text()  # the README cites the same hash
+
+
 @pytest.mark.parametrize("version", list(FILES))
 def test_real_files_load(real, version):
     items = real[version]
-    assert file_sha256(FILES[version]) == SHA[version]
     assert len(items) == 1000
     r = score([dict(it, model_output=it["answer"]) for it in items])
     assert [(g.name, g.n) for g in r.tables["task"]] == [("sound", 333), ("music", 334), ("speech", 333)]
@@ -270,7 +277,6 @@ def test_real_files_load(real, version):
     assert len(r.tables["sub-category"]) == 27
 
 
-@real_data
 @pytest.mark.parametrize("version", list(FILES))
 def test_golden_values(real, version):
     items = real[version]
