@@ -2,6 +2,12 @@
 and write a reference bundle (`mlx_listen.bundle`) for `mlx-listen parity` to check an MLX model
 against, on another machine.
 
+Every input is checked before the model loads (items, clips, heads, device, that `--model` is a
+transformers checkpoint and not an MLX folder); user errors are one `Error: …` line and exit 1.
+The bundle is written to a temporary sibling folder and renamed at the end, so a failed or
+interrupted run leaves nothing that blocks the rerun, and `--force` replaces an existing bundle
+only once the new one is complete.
+
 Needs the reference extra (torch, transformers); does not need MLX.
 """
 
@@ -9,62 +15,243 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
+import os
 import platform
 import shutil
+import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import click
 import numpy as np
 
 from mlx_listen import __version__
-from mlx_listen.audio import load_audio
-from mlx_listen.bundle import FINGERPRINT_SLICES, FORMAT, VERSION, Bundle, config_hash, sha256_file, sketch
-from mlx_listen.errors import ListenError
+from mlx_listen.audio import HOP_LENGTH, SAMPLE_RATE, load_audio, num_audio_tokens, num_frames
+from mlx_listen.bundle import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    Bundle,
+    config_hash,
+    fingerprint_slices,
+    fingerprint_values,
+    sha256_file,
+    sketch,
+    slices_to_json,
+)
+from mlx_listen.errors import AudioError, ListenError, ModelError
 
-# Hub names of the fingerprinted tensors → how to reach them on a transformers-5 model.
-_HF_TENSORS = {
-    "language_model.model.embed_tokens.weight": lambda m: m.get_input_embeddings().weight,
-    "language_model.lm_head.weight": lambda m: m.lm_head.weight,
-    "language_model.model.norm.weight": lambda m: m.model.language_model.norm.weight,
-    "audio_tower.conv1.bias": lambda m: m.model.audio_tower.conv1.bias,
-    "multi_modal_projector.linear.bias": lambda m: m.model.multi_modal_projector.linear.bias,
-}
+# Hub names (what the bundle records) → transformers-5 in-memory names (what `state_dict` has).
+_IN_MEMORY = [
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("audio_tower.", "model.audio_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+
+
+# -- inputs ------------------------------------------------------------------------------------
 
 
 def read_items(path: Path, audio_dir: Path | None) -> list[dict]:
     """A plain list of `{audio, question[, system, id]}` or an MMAU-format file (R1-AQA prompt)."""
     try:
         raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ListenError(f"cannot read items file {path}: {e}") from None
     if not isinstance(raw, list) or not raw:
-        raise ListenError(f"{path}: expected a non-empty JSON list of items")
+        raise ListenError(f"{path}: expected a non-empty JSON list of items, got {type(raw).__name__}"
+                          + (" (empty)" if isinstance(raw, list) else ""))
     base = Path(audio_dir) if audio_dir else Path(path).parent
     items = []
     for k, it in enumerate(raw):
+        if not isinstance(it, dict):
+            raise ListenError(f"{path}: item {k} is a {type(it).__name__}, not an object with audio and question")
         if "audio_id" in it and "choices" in it:  # MMAU
             from mlx_listen.mmau import build_prompt
 
-            items.append({"id": it.get("id", str(k)), "audio": it["audio_id"],
+            if not isinstance(it["audio_id"], str) or not isinstance(it.get("question"), str) \
+                    or not isinstance(it["choices"], list):
+                raise ListenError(f"{path}: item {k} has MMAU fields of the wrong type "
+                                  "(audio_id and question are strings, choices a list)")
+            items.append({"id": str(it.get("id", k)), "audio": it["audio_id"],
                           "question": build_prompt(it, "r1-aqa"), "system": None})
         elif "audio" in it and "question" in it:
+            if not isinstance(it["audio"], str) or not isinstance(it["question"], str) or not it["question"].strip():
+                raise ListenError(f"{path}: item {k} needs audio and question as non-empty strings")
+            if it.get("system") is not None and not isinstance(it["system"], str):
+                raise ListenError(f"{path}: item {k}: system must be a string")
             items.append({"id": str(it.get("id", k)), "audio": it["audio"], "question": it["question"],
                           "system": it.get("system")})
         else:
             raise ListenError(f"{path}: item {k} has neither audio+question nor MMAU fields")
         audio = base / items[-1]["audio"]
-        if not audio.exists():
-            raise ListenError(f"item {items[-1]['id']}: audio file {audio} not found")
+        if not audio.is_file():
+            raise ListenError(f"item {items[-1]['id']}: audio file {audio} "
+                              + ("is not a file" if audio.exists() else "not found"))
         items[-1]["path"] = audio
     return items
 
 
-def weight_fingerprint(model) -> dict[str, list[float]]:
-    out = {}
-    for name, get in _HF_TENSORS.items():
-        out[name] = get(model)[FINGERPRINT_SLICES[name]].detach().float().cpu().numpy().reshape(-1).tolist()
-    return out
+def check_clip(audio: np.ndarray, name: str) -> None:
+    """The clip rules of `mlx_listen.audio.audio_features` (which needs MLX): mono, finite, and long
+    enough to give at least one audio token."""
+    if audio.ndim != 1:
+        raise AudioError(f"{name}: expected mono 1-D audio, got shape {audio.shape}")
+    if not np.isfinite(audio).all():
+        raise AudioError(f"{name}: audio contains NaN or infinite samples")
+    n = audio.shape[0]
+    if num_audio_tokens(num_frames(n)) == 0:
+        raise AudioError(
+            f"{name}: clip too short ({n} samples, {n / SAMPLE_RATE:.3f} s); "
+            f"need more than {2 * HOP_LENGTH} samples (> {2 * HOP_LENGTH / SAMPLE_RATE:.2f} s at 16 kHz)"
+        )
+
+
+def check_clips(items: list[dict]) -> None:
+    for item in items:
+        check_clip(load_audio(item["path"]), str(item["path"]))
+
+
+def read_heads(path: Path) -> list[tuple[int, int]]:
+    """HEADS.json (`mlx-listen heads`): its `heads` list of [layer, head] pairs."""
+    from mlx_listen.heads import HeadSet
+
+    return HeadSet.load(path).heads
+
+
+def check_heads(heads, config: dict, path="--heads") -> None:
+    from mlx_listen.config import ModelConfig
+
+    t = ModelConfig.from_dict(config).text_config
+    bad = [(l, h) for l, h in heads if not (0 <= l < t.num_hidden_layers and 0 <= h < t.num_attention_heads)]
+    if bad:
+        raise ListenError(f"{path}: heads {bad} do not exist in this model "
+                          f"({t.num_hidden_layers} layers x {t.num_attention_heads} heads)")
+
+
+def check_device(device: str | None) -> str:
+    """The torch device to use: `device` if torch can use it here, else the best available."""
+    import torch
+
+    from . import reference as R
+
+    if device is None:
+        return R.pick_device()
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ListenError(f"--device {device}: not a torch device (use cuda, cuda:N, mps or cpu)") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU or driver found"
+            raise ListenError(f"--device {device}: CUDA is not available here ({why}, torch {torch.__version__}); "
+                              "use --device cpu, or leave --device out for the best available")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ListenError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif d.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise ListenError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif d.type != "cpu":
+        raise ListenError(f"--device {device}: only cuda, mps and cpu are supported")
+    return device
+
+
+def _safetensors_header(path: Path) -> dict:
+    """The JSON header of a safetensors file (tensor dtypes, shapes, `__metadata__`), without the data."""
+    try:
+        with open(path, "rb") as f:
+            n = struct.unpack("<Q", f.read(8))[0]
+            if n > 100_000_000:
+                raise ValueError("header too large")
+            return json.loads(f.read(n))
+    except (OSError, struct.error, ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def _mlx_signs(folder: Path, config: dict) -> str | None:
+    """Why `folder` looks like an `mlx-listen convert` / mlx-lm folder (None if it does not)."""
+    if "quantization" in config:
+        return 'its config.json has an MLX "quantization" block'
+    for f in sorted(folder.glob("*.safetensors")):
+        header = _safetensors_header(f)
+        if (header.get("__metadata__") or {}).get("format") == "mlx":
+            return f'{f.name} has {{"format": "mlx"}} metadata'
+        for name in ("audio_tower.conv1.weight", "model.audio_tower.conv1.weight"):
+            shape = (header.get(name) or {}).get("shape")
+            if shape and len(shape) == 3 and shape[1] == 3 and shape[2] != 3:  # torch: (out, in, 3)
+                return f"its conv weights are in MLX layout ({name} is {shape})"
+    return None
+
+
+def check_checkpoint(model_path: str) -> tuple[Path, dict]:
+    """The local folder of a transformers Qwen2-Audio checkpoint (hub ids through the hub cache) and
+    its config; refuses MLX folders and anything without a config and weights."""
+    from mlx_listen.config import ModelConfig
+
+    from . import reference as R
+
+    p = Path(model_path).expanduser()
+    if p.exists():
+        if not p.is_dir():
+            raise ModelError(f"--model {p} is a file; pass a transformers checkpoint folder or a hub repo id")
+    elif str(model_path).startswith((".", "/", "~")) or str(model_path).count("/") != 1:
+        raise ModelError(f"--model {model_path}: folder not found (and it is not a hub repo id like Org/Name)")
+    else:
+        try:
+            p = Path(R.resolve_hf(model_path))
+        except Exception as e:  # the hub's errors are many; the user needs one line
+            from huggingface_hub import constants
+
+            hint = ("unset HF_HUB_OFFLINE to download it" if constants.HF_HUB_OFFLINE
+                    else "set HF_HUB_OFFLINE=1 to use the hub cache only")
+            first = str(e).splitlines()[0][:160] if str(e) else ""
+            raise ModelError(f"could not get {model_path} from the Hugging Face hub ({type(e).__name__}: {first}); "
+                             f"pass a local folder, or {hint}") from None
+    if not (p / "config.json").is_file():
+        raise ModelError(f"{p} has no config.json: not a model folder")
+    try:
+        config = json.loads((p / "config.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{p}/config.json is not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{p}/config.json is not a JSON object")
+    if why := _mlx_signs(p, config):
+        raise ModelError(f"{p} is an MLX model folder ({why}), not a transformers checkpoint; pass the "
+                         "Hugging Face folder or repo id it was converted from")
+    if config.get("model_type") not in (None, "qwen2_audio"):
+        raise ModelError(f"{p} is a {config['model_type']!r} model, not Qwen2-Audio (qwen2_audio)")
+    if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
+        raise ModelError(f"{p} has no weight files (*.safetensors)")
+    try:
+        ModelConfig.from_dict(config)
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{p}/config.json: {e}") from None
+    return p, config
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+
+def _hf_tensor(state: dict, name: str):
+    if name in state:
+        return state[name]
+    for hub, mem in _IN_MEMORY:
+        if name.startswith(hub) and mem + name[len(hub):] in state:
+            return state[mem + name[len(hub):]]
+    raise KeyError(f"{name} is not a parameter of this transformers model")
+
+
+def weight_fingerprint(model, config: dict) -> tuple[dict[str, list[float]], dict[str, list[list[int]]]]:
+    """`(values, slices)`: the fingerprinted block of each tensor (`bundle.fingerprint_slices`)."""
+    state = model.state_dict()
+    values, slices = {}, {}
+    for name, idx in fingerprint_slices(config).items():
+        block = _hf_tensor(state, name)[idx].detach().float().cpu().numpy()
+        values[name], slices[name] = fingerprint_values(block), slices_to_json(idx)
+    return values, slices
 
 
 def _until_eos(model, toks) -> np.ndarray:
@@ -107,10 +294,84 @@ def record(model, processor, item, audio, max_new_tokens: int, heads=None, steer
     return {k: np.asarray(v, np.float32) if v.dtype.kind == "f" else v for k, v in out.items()}
 
 
+def check_out(out: Path, force: bool) -> None:
+    """`out` may be written: absent, or (with `force`) an existing bundle or an empty folder."""
+    if not out.exists():
+        if out.parent.exists() and not out.parent.is_dir():
+            raise ListenError(f"cannot write {out}: {out.parent} is a file")
+        return
+    if not out.is_dir():
+        raise ListenError(f"{out} exists and is a file; choose another --out")
+    if not force:
+        raise ListenError(f"{out} already exists; pass --force to overwrite it")
+    if not (out / MANIFEST).exists() and any(out.iterdir()):
+        raise ListenError(f"{out} exists and is not a reference bundle (no {MANIFEST}); not replacing it")
+
+
+def _publish(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished `tmp` to `out`, replacing an existing `out` only now."""
+    if not out.exists():
+        tmp.rename(out)
+        return
+    check_out(out, force)  # it may have appeared while this run was recording
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        tmp.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "float32", device: str | None = None,
                 max_new_tokens: int = 24, drift: bool = False, progress: bool = True,
-                heads: list[tuple[int, int]] | None = None, steering: dict | None = None) -> Path:
-    """`steering`: {"layers": [...], "alpha": a, "at": "all"|"prompt"} records the steered quantities."""
+                heads: list[tuple[int, int]] | None = None, steering: dict | None = None,
+                force: bool = False) -> Path:
+    """`steering`: {"layers": [...], "alpha": a, "at": "all"|"prompt"} records the steered quantities.
+
+    Checks everything it can before the model loads (raises ListenError); writes the bundle to a
+    temporary sibling of `out` and renames it into place at the end (replacing an existing bundle
+    only with `force`, and only then).
+    """
+    out = Path(out)
+    if int(max_new_tokens) < 0:
+        raise ListenError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_out(out, force)
+    device = check_device(device)
+    hf_path, config = check_checkpoint(model_path)
+    if heads:
+        check_heads(heads, config)
+    if steering:
+        from mlx_listen.config import ModelConfig
+
+        n = ModelConfig.from_dict(config).text_config.num_hidden_layers
+        if not steering.get("layers") or not all(0 <= l < n for l in steering["layers"]):
+            raise ListenError(f"steering layers {steering.get('layers')} must be a non-empty subset of 0..{n - 1}")
+    check_clips(items)
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the finished bundle private
+    except OSError as e:
+        raise ListenError(f"cannot write {out}: {e}") from None
+    try:
+        bundle = _record_bundle(model_path, hf_path, config, items, tmp, dtype, device, max_new_tokens, drift,
+                                progress, heads, steering)
+        bundle.save(tmp)
+        _publish(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _record_bundle(model_path, hf_path: Path, config: dict, items, out: Path, dtype, device, max_new_tokens, drift,
+                   progress, heads, steering) -> Bundle:
     import torch
     import transformers
     from tqdm import tqdm
@@ -120,12 +381,19 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32 on Ampere+ GPUs
     torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(0)
-    # Eager attention, so the per-head audio mass can be read from the attention weights.
-    model, processor = R.load_hf(model_path, dtype=dtype, device=device, attn="eager")
+
+    def load(dt):
+        try:  # eager attention, so the per-head audio mass can be read from the attention weights
+            return R.load_hf(str(hf_path), dtype=dt, device=device, attn="eager")
+        except (OSError, ValueError, KeyError) as e:
+            msg = " ".join(str(e).split())
+            raise ModelError(f"transformers cannot load {hf_path} ({type(e).__name__}: {msg[:300]})") from None
+
+    model, processor = load(dtype)
     drift_dtype = ("bfloat16" if dtype == "float32" else "float32") if drift else None
-    other = R.load_hf(model_path, dtype=drift_dtype, device=device, attn="eager") if drift else None
+    other = load(drift_dtype) if drift else None
     dev = str(model.device)
-    config = json.loads((Path(R.resolve_hf(model_path)) / "config.json").read_text())
+    values, slices = weight_fingerprint(model, config)
 
     bundle = Bundle({
         "format": FORMAT, "version": VERSION,
@@ -134,8 +402,8 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
                      "python": platform.python_version(), "cuda": torch.version.cuda},
         "device": {"type": model.device.type,
                    "name": torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else platform.processor() or platform.machine()},
-        "model": {"path": str(model_path), "revision": R.revision_of(model_path), "config_hash": config_hash(config),
-                  "fingerprint": weight_fingerprint(model)},
+        "model": {"path": str(model_path), "revision": R.revision_of(hf_path), "config_hash": config_hash(config),
+                  "fingerprint": values, "fingerprint_slices": slices},
         "dtype": dtype, "drift_dtype": drift_dtype, "attn_implementation": model.config._attn_implementation,
         "prompt_format": "qwen2-audio-chat (processor default template)",
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens}, "seed": 0,
@@ -146,6 +414,7 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
     (out / "audio").mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(tqdm(items, desc="Reference", unit="item", disable=not progress, file=sys.stderr)):
         audio = load_audio(item["path"])
+        check_clip(audio, str(item["path"]))
         q = record(model, processor, item, audio, max_new_tokens, heads, steering)
         if other is not None:
             q.update({f"drift.{k}": v for k, v in record(other[0], other[1], item, audio, 0, heads, steering).items()
@@ -163,45 +432,57 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
             "n_prompt_tokens": int(q["input_ids"].size), "quantities": sorted(q),
         })
     bundle.manifest["device"]["used"] = dev
-    return bundle.save(out)
+    return bundle
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--model", "model_path", required=True, help="HF folder or repo id (transformers weights).")
-@click.option("--items", "items_path", required=True, type=click.Path(exists=True, dir_okay=False),
+# -- command line ------------------------------------------------------------------------------
+
+
+class _Command(click.Command):
+    """User errors (`ListenError`) become click's own: `Error: …` on stderr, exit status 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except ListenError as e:
+            raise click.ClickException(str(e)) from None
+
+
+def _finite(ctx, param, value):
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number")
+    return value
+
+
+@click.command(cls=_Command, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--model", "model_path", required=True, help="HF folder or repo id (transformers weights, not MLX).")
+@click.option("--items", "items_path", required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="JSON list of {audio, question} or an MMAU-format file.")
-@click.option("--audio-dir", type=click.Path(exists=True, file_okay=False), default=None,
+@click.option("--audio-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder the items' audio paths are relative to (default: the items file's folder).")
-@click.option("--out", required=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path), help="Bundle folder to write.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
-@click.option("--device", default=None, help="cuda, mps or cpu (default: the best available).")
-@click.option("--max-new-tokens", default=24, show_default=True, help="Greedy tokens to record (0: none).")
+@click.option("--device", default=None, help="cuda, cuda:N, mps or cpu (default: the best available).")
+@click.option("--max-new-tokens", type=click.IntRange(min=0), default=24, show_default=True,
+              help="Greedy tokens to record (0: none).")
 @click.option("--drift", is_flag=True, help="Also run the other precision and record HF's own bf16-vs-fp32 drift.")
-@click.option("--heads", "heads_path", type=click.Path(exists=True, dir_okay=False), default=None,
+@click.option("--heads", "heads_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="HEADS.json: also record the listening score over these heads.")
 @click.option("--steer", is_flag=True, help="Also record audio-silence steering over the heads' layers (needs --heads).")
-@click.option("--alpha", default=1.0, show_default=True, help="Steering strength.")
+@click.option("--alpha", type=float, default=1.0, show_default=True, callback=_finite, help="Steering strength.")
 @click.option("--steer-at", type=click.Choice(["all", "prompt"]), default="all", show_default=True)
-@click.option("--force", is_flag=True, help="Overwrite an existing bundle folder.")
+@click.option("--force", is_flag=True, help="Replace an existing bundle (once the new one is complete).")
 def main(model_path, items_path, audio_dir, out, dtype, device, max_new_tokens, drift, heads_path, steer, alpha,
          steer_at, force):
     """Record transformers' numbers for each item into a bundle for `mlx-listen parity`."""
-    out = Path(out)
-    try:
-        if out.exists() and not force:
-            raise ListenError(f"{out} already exists; pass --force to overwrite it")
-        items = read_items(Path(items_path), Path(audio_dir) if audio_dir else None)
-        if out.exists():
-            shutil.rmtree(out)
-        heads = [tuple(h) for h in json.loads(Path(heads_path).read_text())["heads"]] if heads_path else None
-        if steer and not heads:
-            raise ListenError("--steer needs --heads HEADS.json (the read layers are the heads' layers)")
-        steering = {"layers": sorted({l for l, _ in heads}), "alpha": alpha, "at": steer_at} if steer else None
-        path = make_bundle(model_path, items, out, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
-                           drift=drift, heads=heads, steering=steering)
-    except ListenError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+    check_out(out, force)
+    items = read_items(items_path, audio_dir)
+    heads = read_heads(heads_path) if heads_path else None
+    if steer and not heads:
+        raise ListenError("--steer needs --heads HEADS.json (the read layers are the heads' layers)")
+    steering = {"layers": sorted({l for l, _ in heads}), "alpha": alpha, "at": steer_at} if steer else None
+    path = make_bundle(model_path, items, out, dtype=dtype, device=device, max_new_tokens=max_new_tokens,
+                       drift=drift, heads=heads, steering=steering, force=force)
     click.echo(f"[INFO] Wrote reference bundle {path} ({len(items)} items)", err=True)
 
 

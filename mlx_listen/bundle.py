@@ -2,7 +2,8 @@
 
 A bundle is a folder with two files:
 - `manifest.json`: format name and version, the software and hardware of the run, the model's
-  identity (config hash and a weight fingerprint), the dtype, and one entry per item (audio file
+  identity (config hash, and a weight fingerprint: small blocks of projection matrices with their
+  bounds, see `fingerprint_slices`), the dtype, and one entry per item (audio file
   and its sha256, question, system prompt, rendered prompt, token count, which quantities were
   recorded);
 - `tensors.safetensors`: the numbers, named `item{i}.{quantity}`.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -77,15 +79,71 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Weight fingerprint: a few fixed slices of fixed tensors, in float32. A converted, cast or
-# quantised copy of the same weights reproduces them within its precision; another model does not.
-FINGERPRINT_SLICES = {
+# Weight fingerprint: a leading block of each of a few projection matrices (the decoder's first and
+# last layers, the encoder's first and last layers, the projector, the embeddings and the head),
+# recorded raw in float32 under `manifest["model"]["fingerprint"]`, with the block's bounds under
+# `manifest["model"]["fingerprint_slices"]` ({name: [[start, stop], ...]}, hub names and layout).
+# Projections are what differs between checkpoints: norm weights (ones) and biases (zeros) of fresh
+# checkpoints are identical, which made the first fingerprint useless. The checker compares each
+# tensor's block after centring (`parity.check_identity`): a converted, cast or quantised copy of
+# the same weights reproduces it within its precision; another checkpoint does not.
+FINGERPRINT_BLOCK = (8, 8)
+DECODER_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+ENCODER_PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "fc1", "fc2")
+# The slices bundles stored before `fingerprint_slices` existed (their manifests name only these).
+# Embeddings and head keep these slices in new bundles, so older readers still find something to
+# compare; the norm weight and the two biases are constant in a fresh checkpoint and are no longer
+# recorded (the checker skips constant entries of old bundles).
+LEGACY_FINGERPRINT_SLICES = {
     "language_model.model.embed_tokens.weight": (slice(0, 8), slice(0, 16)),
     "language_model.lm_head.weight": (slice(0, 8), slice(0, 16)),
     "language_model.model.norm.weight": (slice(0, 64),),
     "audio_tower.conv1.bias": (slice(0, 64),),
     "multi_modal_projector.linear.bias": (slice(0, 64),),
 }
+FINGERPRINT_SLICES = LEGACY_FINGERPRINT_SLICES  # the old name (kept for importers)
+
+
+def fingerprint_slices(config: dict) -> dict[str, tuple[slice, ...]]:
+    """The tensors (hub names) and blocks a new bundle fingerprints, for a model of this config."""
+    from .config import ModelConfig
+
+    c = ModelConfig.from_dict(config)
+    t, a = c.text_config, c.audio_config
+    block = tuple(slice(0, n) for n in FINGERPRINT_BLOCK)
+    out = {"language_model.model.embed_tokens.weight": LEGACY_FINGERPRINT_SLICES["language_model.model.embed_tokens.weight"]}
+    if not t.tie_word_embeddings:
+        out["language_model.lm_head.weight"] = LEGACY_FINGERPRINT_SLICES["language_model.lm_head.weight"]
+    for layer in sorted({0, t.num_hidden_layers - 1}):
+        out.update({f"language_model.model.layers.{layer}.{p}.weight": block for p in DECODER_PROJECTIONS})
+    for layer in sorted({0, a.encoder_layers - 1}):
+        out.update({f"audio_tower.layers.{layer}.{p}.weight": block for p in ENCODER_PROJECTIONS})
+    out["multi_modal_projector.linear.weight"] = block
+    return out
+
+
+def slices_to_json(idx: tuple[slice, ...]) -> list[list[int]]:
+    return [[s.start or 0, s.stop] for s in idx]
+
+
+def slices_from_json(spec) -> tuple[slice, ...]:
+    """`[[start, stop], ...]` → slices; ValueError if malformed."""
+    if not isinstance(spec, list) or not spec:
+        raise ValueError(f"expected a list of [start, stop] pairs, got {spec!r}")
+    out = []
+    for pair in spec:
+        if (not isinstance(pair, list) or len(pair) != 2 or not all(isinstance(v, int) for v in pair)
+                or not 0 <= pair[0] < pair[1]):
+            raise ValueError(f"expected [start, stop] with 0 <= start < stop, got {pair!r}")
+        out.append(slice(pair[0], pair[1]))
+    return tuple(out)
+
+
+def fingerprint_values(x: np.ndarray) -> list[float]:
+    """A block as a flat list of float32 values, each written with the fewest digits that round-trip."""
+    return [float(str(v)) for v in np.asarray(x, np.float32).reshape(-1)]
 
 
 @dataclass
@@ -110,6 +168,9 @@ class Bundle:
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / (TENSORS + ".tmp")
         save_file(self.tensors, str(tmp), metadata={"format": FORMAT, "version": str(VERSION)})
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o666 & ~umask)  # safetensors writes 0600; a bundle is meant to be carried and shared
         tmp.replace(path / TENSORS)
         (path / MANIFEST).write_text(json.dumps(self.manifest, indent=2, sort_keys=False))
         return path

@@ -88,7 +88,8 @@ def test_bf16_model_judged_against_hf_drift(tiny_gqa, bundle_fp32, tmp_path):
 
 
 def test_perturbed_weight_fails(tiny_gqa, bundle_fp32, tmp_path):
-    """One weight changed (not one the identity fingerprint reads): parity must fail, naming the stages."""
+    """One weight changed a little (within what the identity fingerprint tolerates, like quantisation
+    noise): not another checkpoint, but parity must fail, naming the stages."""
     import mlx.core as mx
 
     folder = tmp_path / "perturbed"
@@ -150,3 +151,124 @@ def test_unknown_future_quantities_are_ignored(tiny_gqa, bundle_fp32, tmp_path):
     save_file(t, str(newer / "tensors.safetensors"))
     report = parity(newer, tiny_gqa.mlx_path, progress=False)
     assert report.ok and report.unchecked == ["some_future_quantity"]
+
+
+# -- identity: the weight fingerprint ------------------------------------------------------------
+
+
+def test_new_bundles_fingerprint_projections(tiny_gqa, bundle_fp32):
+    """Projection blocks of the first and last layers (decoder and encoder), the projector, the
+    embeddings and the head; no norm weight or bias (constant in a fresh checkpoint)."""
+    from mlx_listen.bundle import LEGACY_FINGERPRINT_SLICES, fingerprint_slices
+    from mlx_listen.parity import fingerprint_errors
+
+    b = load_bundle(bundle_fp32)
+    fp, slices = b.manifest["model"]["fingerprint"], b.manifest["model"]["fingerprint_slices"]
+    assert set(fp) == set(slices) == set(fingerprint_slices(json.loads((tiny_gqa.hf_path / "config.json").read_text())))
+    assert "language_model.model.layers.1.self_attn.k_proj.weight" in fp and "audio_tower.layers.1.fc2.weight" in fp
+    assert "multi_modal_projector.linear.weight" in fp
+    assert not [n for n in fp if "norm" in n or n.endswith(".bias")]
+    assert slices["language_model.model.embed_tokens.weight"] == [[0, 8], [0, 16]]  # what older readers expect
+    assert LEGACY_FINGERPRINT_SLICES["language_model.model.embed_tokens.weight"] == (slice(0, 8), slice(0, 16))
+    assert all(len(v) == 64 for n, v in fp.items() if "layers" in n)
+    errors, skipped = fingerprint_errors(b, tiny_gqa.mlx[0])
+    assert set(errors) == set(fp) and not skipped and max(errors.values()) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def realistic(items, tmp_path_factory):
+    """Two unrelated checkpoints of the same config at a realistic init (0.02), a bundle from the first,
+    and the first converted, cast and quantised."""
+    from mlx_listen.convert.convert import convert
+    from mlx_listen.convert.reference_run import make_bundle, read_items
+    from mlx_listen.convert.tiny import build_tiny
+
+    d = tmp_path_factory.mktemp("init002")
+    build_tiny(d / "a", init_range=0.02, kv_heads=2, seed=0)
+    build_tiny(d / "b", init_range=0.02, kv_heads=2, seed=1)
+    bundle = make_bundle(str(d / "a"), read_items(items, None)[:1], d / "bundle", device="cpu", max_new_tokens=0,
+                         progress=False)
+    same = {"fp32": convert(str(d / "a"), str(d / "a-fp32"), progress=False)}
+    for name, kw in [("bf16", dict(dtype="bfloat16")), ("fp16", dict(dtype="float16")),
+                     ("q8", dict(quantize=True, q_bits=8)), ("q4", dict(quantize=True, q_bits=4))]:
+        same[name] = convert(str(d / "a"), str(d / f"a-{name}"), progress=False, **kw)
+    other = {"hf": d / "b", "q4": convert(str(d / "b"), str(d / "b-q4"), quantize=True, q_bits=4, progress=False)}
+    return bundle, same, other
+
+
+def test_fingerprint_separates_checkpoints_at_init_002(realistic):
+    """Same weights converted, cast or quantised: every block within 0.15 relative error (measured
+    <= 0.12 at 4 bits); unrelated weights: every block above 1.1 (measured >= 1.2). Limit 0.5."""
+    from mlx_listen.load import load_model
+    from mlx_listen.parity import FINGERPRINT_MAX_REL, check_identity, fingerprint_errors
+
+    bundle, same, other = realistic
+    b = load_bundle(bundle)
+    for name, path in same.items():
+        model, config = load_model(path)
+        errors, skipped = fingerprint_errors(b, model)
+        assert len(errors) == 29 and not skipped
+        assert max(errors.values()) < {"fp32": 1e-6, "bf16": 0.005, "fp16": 0.001, "q8": 0.01, "q4": 0.15}[name], name
+        check_identity(b, model, config)
+    for name, path in other.items():
+        model, config = load_model(path)
+        errors, _ = fingerprint_errors(b, model)
+        assert min(errors.values()) > 1.1 > FINGERPRINT_MAX_REL, name
+        with pytest.raises(ListenError, match="different weights: 29 of 29 fingerprinted tensors differ"):
+            check_identity(b, model, config)
+
+
+def test_parity_refuses_unrelated_checkpoint_in_one_line(realistic):
+    """`mlx-listen parity` with another checkpoint at init 0.02: one `Error:` line, not a table of FAILs."""
+    from conftest import invoke
+
+    bundle, same, other = realistic
+    for model in other.values():
+        r = invoke("parity", bundle, "--model", model)
+        assert r.exit_code == 1, r.output
+        lines = [line for line in r.output.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("Error: the bundle was recorded from different weights"), r.output
+    r = invoke("parity", bundle, "--model", same["fp32"])
+    assert r.exit_code == 0 and "Verdict: PASS" in r.output, r.output
+
+
+def test_bundle_without_usable_fingerprint_is_refused(tiny_gqa, bundle_fp32, tmp_path):
+    """An old-style manifest whose only entries are constant (norm weights, zero biases), or none at all."""
+    old = tmp_path / "old"
+    shutil.copytree(bundle_fp32, old)
+    m = json.loads((old / "manifest.json").read_text())
+    m["model"]["fingerprint"] = {"language_model.model.norm.weight": [1.0] * 64,
+                                 "audio_tower.conv1.bias": [0.0] * 32}
+    del m["model"]["fingerprint_slices"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ListenError, match=r"no usable weight fingerprint \(2 entries, none usable: "
+                                          r"language_model.model.norm.weight: \(nearly\) constant"):
+        parity(old, tiny_gqa.mlx_path, progress=False)
+    del m["model"]["fingerprint"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ListenError, match=r"no usable weight fingerprint \(none recorded\)"):
+        parity(old, tiny_gqa.mlx_path, progress=False)
+
+
+def test_old_bundle_checked_on_what_it_has(tiny_gqa, bundle_fp32, tmp_path):
+    """A bundle with only the first fingerprint's five legacy slices: embeddings and head decide."""
+    from mlx_listen.bundle import LEGACY_FINGERPRINT_SLICES
+    from mlx_listen.parity import fingerprint_errors
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle_fp32, old)
+    m = json.loads((old / "manifest.json").read_text())
+    sd = tiny_gqa.hf_model.state_dict()
+    mem = {"language_model.model.embed_tokens.weight": "model.language_model.embed_tokens.weight",
+           "language_model.lm_head.weight": "lm_head.weight",
+           "language_model.model.norm.weight": "model.language_model.norm.weight",
+           "audio_tower.conv1.bias": "model.audio_tower.conv1.bias",
+           "multi_modal_projector.linear.bias": "model.multi_modal_projector.linear.bias"}
+    m["model"]["fingerprint"] = {n: sd[mem[n]][i].float().numpy().reshape(-1).tolist()
+                                 for n, i in LEGACY_FINGERPRINT_SLICES.items()}
+    del m["model"]["fingerprint_slices"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    errors, skipped = fingerprint_errors(load_bundle(old), tiny_gqa.mlx[0])
+    assert set(errors) == {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
+    assert len(skipped) == 3 and max(errors.values()) < 1e-6
+    assert parity(old, tiny_gqa.mlx_path, progress=False).ok

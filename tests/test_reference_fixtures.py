@@ -71,3 +71,39 @@ def test_mlx_matches_recorded_reference(bundles, tmp_path):
                 drift = parity(path, bf16, progress=False)
                 print(drift.table())
                 assert drift.ok and "HF drift" in next(r.limit for r in drift.rows if r.quantity == "logits_last")
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_committed_bundles_identity(variant, request, tiny_root, tmp_path):
+    """The committed bundles carry the first fingerprint (embeddings, head, norm weight, two zero biases):
+    the new check uses their embedding and head blocks (centred), skips the constant ones, accepts the
+    MLX model (fp32, bf16, 4-bit) and refuses an unrelated checkpoint of the same config."""
+    from conftest import INIT
+
+    from mlx_listen.convert.convert import convert
+    from mlx_listen.convert.tiny import build_tiny
+    from mlx_listen.errors import ListenError
+    from mlx_listen.load import load_model
+    from mlx_listen.parity import check_identity, fingerprint_errors
+
+    paths = committed(variant)
+    if not paths:
+        pytest.skip(f"no committed CUDA bundle for {variant}")
+    tiny = _tiny(request, tiny_root, variant)
+    models = {"fp32": tiny.mlx_path,
+              "bf16": convert(str(tiny.hf_path), str(tmp_path / "bf16"), dtype="bfloat16", progress=False),
+              "q4": convert(str(tiny.hf_path), str(tmp_path / "q4"), quantize=True, q_bits=4, progress=False)}
+    other = tmp_path / "other"
+    build_tiny(other, init_range=INIT, **{**VARIANTS[variant], "seed": 99})
+    for path in paths:
+        bundle = load_bundle(path)
+        for name, folder in models.items():
+            model, config = load_model(folder)
+            errors, skipped = fingerprint_errors(bundle, model)
+            assert set(errors) == {"language_model.model.embed_tokens.weight", "language_model.lm_head.weight"}
+            assert len(skipped) == 3 and all("constant" in s for s in skipped), skipped
+            assert max(errors.values()) < (0.15 if name == "q4" else 0.01), (path.name, name, errors)
+            check_identity(bundle, model, config)
+        model, config = load_model(other)
+        with pytest.raises(ListenError, match="different weights: 2 of 2"):
+            check_identity(bundle, model, config)
