@@ -15,6 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import AudioConfig
+from .hooks import Hooks
 
 
 def conv_length(n_frames: int) -> int:
@@ -23,16 +24,15 @@ def conv_length(n_frames: int) -> int:
 
 
 class EncoderAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, index: int = 0):
+    def __init__(self, dim: int, n_heads: int, index: int, hooks: Hooks):
         super().__init__()
-        self.index = index
         self.n_heads = n_heads
         self.scaling = (dim // n_heads) ** -0.5
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.probes: list = []  # probe(attn, q, k, mask), as in the decoder (capture.py)
+        self.hook_qk = hooks.point(f"encoder.blocks.{index}.attn.hook_qk", index, 1.0)  # q arrives scaled
 
     def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
         B, L, D = x.shape
@@ -41,19 +41,17 @@ class EncoderAttention(nn.Module):
         q = (self.q_proj(x) * self.scaling).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        for probe in self.probes:
-            probe(self, q, k, mask)
+        self.hook_qk((q, k), 0, L)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: AudioConfig, index: int = 0):
+    def __init__(self, cfg: AudioConfig, index: int, hooks: Hooks):
         super().__init__()
         d = cfg.d_model
-        self.index = index
-        self.hooks: list = []  # hook(layer, h) -> h on the block output, as in the decoder
-        self.self_attn = EncoderAttention(d, cfg.encoder_attention_heads, index)
+        self.self_attn = EncoderAttention(d, cfg.encoder_attention_heads, index, hooks)
+        self.hook_resid_post = hooks.point(f"encoder.blocks.{index}.hook_resid_post", index)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
@@ -65,22 +63,20 @@ class EncoderLayer(nn.Module):
         if x.dtype == mx.float16:  # HF's fp16-only overflow guard
             c = float(mx.finfo(mx.float16).max) - 1000
             x = mx.clip(x, -c, c)
-        for hook in self.hooks:
-            x = hook(self, x)
-        return x
+        return self.hook_resid_post(x, 0, x.shape[1])
 
 
 class AudioEncoder(nn.Module):
     """`audio_tower`: log-mel (128, 3000) → pooled, normed features (n_tok, d_model)."""
 
-    def __init__(self, cfg: AudioConfig):
+    def __init__(self, cfg: AudioConfig, hooks: Hooks):
         super().__init__()
         self.config = cfg
         d = cfg.d_model
         self.conv1 = nn.Conv1d(cfg.num_mel_bins, d, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.embed_positions = nn.Embedding(cfg.max_source_positions, d)
-        self.layers = [EncoderLayer(cfg, i) for i in range(cfg.encoder_layers)]
+        self.layers = [EncoderLayer(cfg, i, hooks) for i in range(cfg.encoder_layers)]
         self.layer_norm = nn.LayerNorm(d, eps=1e-5)
 
     def __call__(self, mel: mx.array, n_frames: int | None = None, *, padded: bool = False):

@@ -20,6 +20,7 @@ import numpy as np
 from .config import ModelConfig
 from .encoder import AudioEncoder, Projector
 from .errors import ListenError
+from .hooks import Hooks
 from .language import LanguageModel
 
 # transformers 5 renames the module tree in memory; `save_pretrained` and the hub use the left.
@@ -36,9 +37,10 @@ class Model(nn.Module):
         super().__init__()
         self.config = self.args = config
         self.model_type = config.model_type
-        self.audio_tower = AudioEncoder(config.audio_config)
+        self.hooks = Hooks()  # every hook point (hooks.py); a plain attribute, outside the MLX tree
+        self.audio_tower = AudioEncoder(config.audio_config, self.hooks)
         self.multi_modal_projector = Projector(config.audio_config.d_model, config.text_config.hidden_size)
-        self.language_model = LanguageModel(config.text_config)
+        self.language_model = LanguageModel(config.text_config, self.hooks)
 
     # -- mlx-lm model contract ---------------------------------------------------------------
     def __call__(self, inputs, cache=None, input_embeddings=None):
@@ -47,6 +49,10 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.language_model.model.layers
+
+    def hook_points(self) -> list[str]:
+        """Every hook point's name (see `hooks.py`)."""
+        return self.hooks.names()
 
     def sanitize(self, weights: dict) -> dict:
         out = {}

@@ -8,8 +8,9 @@ import pytest
 from conftest import SR, tone
 
 from mlx_listen.audio import audio_features
-from mlx_listen.capture import RESID, run_with_cache
-from mlx_listen.generate import generate, prepare
+from mlx_listen.capture import RESID, Capture
+from mlx_listen.generate import generate
+from mlx_listen.prompt import prepare
 
 # fp32 tolerances. Measured on these fixtures: logits ≈ 5e-6, hidden states ≈ 2e-6.
 LOGITS_ATOL = 1e-4
@@ -30,10 +31,11 @@ def mlx_stages(model, processor, clips, question="What is this sound?", features
         for f, mel in zip(feats, features):
             f.mel = mx.array(mel)
     prompt = prepare(model, processor, feats, question)
-    enc = [model.audio_tower(f.mel, f.n_frames) for f in feats]
-    proj = [model.multi_modal_projector(e) for e in enc]
-    logits, cap = run_with_cache(model, prompt, "decoder.blocks.*.hook_resid_post")
-    hidden = [cap.cache[RESID.format(i)][0] for i in range(len(model.layers))]
+    enc, proj = prompt.encoder_out, prompt.audio_embeddings
+    with Capture(model, "decoder.blocks.*.hook_resid_post", at=slice(0, None)) as cap:  # every position
+        logits = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])  # every position
+        mx.eval(logits)
+    hidden = [cap.get(RESID.format(i)) for i in range(len(model.layers))]
     f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731  (numpy has no bfloat16)
     return {
         "input_ids": np.array(prompt.ids),
@@ -157,7 +159,6 @@ def test_bf16_drift_within_hf_own_drift(tiny, tmp_path):
     """bf16: the MLX model's error against HF fp32 is at most 2x HF bf16's own error against HF fp32."""
     from mlx_listen.convert import reference as R
     from mlx_listen.convert.convert import convert
-
     from mlx_listen.load import load
 
     clips, q = [tone(3.0)], "What is this sound?"
