@@ -1,4 +1,4 @@
-"""Prompts: the Instruct chat template and `<|AUDIO|>` expansion, token for token as HF's processor.
+"""The chat template and `<|AUDIO|>` expansion, token for token as HF's processor (MLX-free).
 
 `Qwen2AudioProcessor` renders the chat template (the hub repos ship none, so its built-in
 default applies), replaces the i-th `<|AUDIO|>` with one copy per audio token of the i-th clip,
@@ -69,13 +69,19 @@ class Processor:
         self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper (streaming detokenizer, eos ids)
         self.chat_template = chat_template
         self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO)
+        if self.audio_token_id is None or self.audio_token_id == getattr(tokenizer, "unk_token_id", None):
+            raise ListenError(f"the tokenizer has no {AUDIO} token: not a Qwen2-Audio tokenizer (wrong or "
+                              "incomplete tokenizer files?)")
 
     def render(self, messages: Sequence[dict]) -> str:
         if self.chat_template is None:
             return render_default(messages)
-        return self.tokenizer.apply_chat_template(
-            list(messages), chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
-        )
+        try:
+            return self.tokenizer.apply_chat_template(
+                list(messages), chat_template=self.chat_template, tokenize=False, add_generation_prompt=True
+            )
+        except Exception as e:  # jinja2's TemplateError and friends: a broken template file
+            raise ListenError(f"the model's chat template cannot be rendered ({type(e).__name__}: {e})") from None
 
     def encode(self, messages: Sequence[dict], audio_tokens: Sequence[int]) -> list[int]:
         """Render, expand the i-th `<|AUDIO|>` to `audio_tokens[i]` copies, tokenise."""

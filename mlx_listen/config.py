@@ -12,6 +12,8 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
+DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
+
 
 def _from_dict(cls, d: dict):
     names = inspect.signature(cls).parameters

@@ -1,7 +1,17 @@
-"""Asking the model about audio: prompt preparation and streamed generation through mlx-lm.
+"""Answers: one at a time through mlx-lm's `stream_generate`, or many answers to one prompt that
+share its prefill and decode together as one batch.
 
-mlx-lm's `stream_generate` does the work (chunked prefill, KV cache, async decode, sampler, eos
-handling); we hand it the prompt ids together with the merged audio+text embeddings.
+One answer (`generate`): mlx-lm does the work (chunked prefill, KV cache, async decode, sampler,
+eos handling); we hand it the prompt ids with the merged audio+text embeddings. Hooks installed
+on the model (capture, steering, ablation) act inside it.
+
+Many answers (`prefill` + `decode`): conditions that differ only by an edit of the last block's
+output (the baseline, every steering strength, random-head controls, fixed vectors) see the same
+KV cache for the whole prompt, so the prompt runs through the decoder once. Each answer is a row
+of one batch: at T its logits are `unembed(h_final[T] + delta)`, and every decode step adds each
+row's delta to the last block's output. The steps mirror mlx-lm's `generate_step` (every prompt
+position but T in chunks, then T alone, greedy argmax of the log-probabilities), so each row's
+tokens are the ones `generate` gives with the same edit applied through a hook.
 """
 
 from __future__ import annotations
@@ -14,67 +24,18 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
+from mlx_lm.models.cache import KVCache, make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .audio import AudioFeatures, audio_features, load_audio
-from .errors import ListenError
-from .model import Model
-from .prompt import Processor, messages_for
+from .capture import AUDIO_MASS, RESID, Capture
+from .chat import Processor
+from .prompt import Prompt
 
-
-@dataclass
-class Prompt:
-    ids: list[int]
-    embeddings: mx.array  # (T, hidden): text embeddings with the audio features merged in
-    clips: list[AudioFeatures]
-    audio_positions: np.ndarray = field(repr=False)  # indices of the <|AUDIO|> tokens
-    encode_seconds: float = 0.0
-    # Values derived from this prompt that several answers to it share (e.g. the silence pass of
-    # steering, the same for every alpha of a sweep), keyed by who computed them.
-    cache: dict = field(default_factory=dict, repr=False)
-
-    @property
-    def n_audio_tokens(self) -> int:
-        return int(self.audio_positions.size)
-
-    @property
-    def audio_seconds(self) -> float:
-        return sum(c.duration for c in self.clips)
-
-
-def as_features(clip, name: str | None = None) -> AudioFeatures:
-    """A path, a 16 kHz float array, or ready `AudioFeatures`."""
-    if isinstance(clip, AudioFeatures):
-        return clip
-    if isinstance(clip, np.ndarray):
-        return audio_features(clip, name or "audio")
-    return audio_features(load_audio(clip), name or str(clip))
-
-
-def prepare(
-    model: Model,
-    processor: Processor,
-    clips: Sequence,
-    question: str,
-    system: str | None = None,
-) -> Prompt:
-    """Audio → features → encoder/projector; prompt → ids; merge. One call per question."""
-    feats = [as_features(c) for c in clips]
-    ids = processor.encode(messages_for(question, len(feats), system), [f.n_tokens for f in feats])
-    limit = model.config.text_config.max_position_embeddings
-    if len(ids) >= limit:
-        raise ListenError(f"the prompt is {len(ids)} tokens, over the model's context of {limit}")
-    tic = time.perf_counter()
-    audio = [model.encode_audio(f.mel, f.n_frames) for f in feats]
-    mx.eval(audio)
-    encode_seconds = time.perf_counter() - tic
-    emb = model.embed(ids, audio)
-    positions = np.flatnonzero(np.asarray(ids) == model.config.audio_token_index)
-    return Prompt(ids, emb, feats, positions, encode_seconds)
+PREFILL_STEP = 2048  # mlx-lm's prefill chunk
 
 
 def stream_generate(
-    model: Model,
+    model,
     processor: Processor,
     prompt: Prompt,
     *,
@@ -119,12 +80,20 @@ class Answer:
     audio_tokens: int
     audio_seconds: float
     encode_seconds: float
+    listening: float | None = None  # the listening score at T, when heads were given
+    listening_tokens: list[float] | None = None  # at the position that chose each answer token
+    audio_mass: np.ndarray | None = field(default=None, repr=False)  # (layers, heads) at T, when asked for
+    timing: dict | None = None  # seconds of the shared work behind this answer (prefill, silence, decode, batch)
 
     def to_json(self) -> dict:
-        return dict(self.__dict__)
+        optional = ("listening", "listening_tokens", "timing")
+        d = {k: v for k, v in self.__dict__.items() if k != "audio_mass" and not (k in optional and v is None)}
+        if self.audio_mass is not None:
+            d["audio_mass"] = np.round(self.audio_mass.astype(np.float64), 7).tolist()
+        return d
 
 
-def generate(model: Model, processor: Processor, prompt: Prompt, on_text=None, **kw) -> Answer:
+def generate(model, processor: Processor, prompt: Prompt, on_text=None, **kw) -> Answer:
     """Run `stream_generate` to the end; `on_text(segment)` receives the streamed text."""
     text, tokens, last = [], [], None
     for r in stream_generate(model, processor, prompt, **kw):
@@ -135,15 +104,172 @@ def generate(model: Model, processor: Processor, prompt: Prompt, on_text=None, *
             tokens.append(r.token)
         last = r
     return Answer(
-        text="".join(text),
-        tokens=tokens,
-        prompt_tokens=last.prompt_tokens,
-        prompt_tps=last.prompt_tps,
-        generation_tokens=last.generation_tokens,
-        generation_tps=last.generation_tps,
-        peak_memory=last.peak_memory,
-        finish_reason=last.finish_reason,
-        audio_tokens=prompt.n_audio_tokens,
-        audio_seconds=prompt.audio_seconds,
-        encode_seconds=prompt.encode_seconds,
+        text="".join(text), tokens=tokens, prompt_tokens=last.prompt_tokens, prompt_tps=last.prompt_tps,
+        generation_tokens=last.generation_tokens, generation_tps=last.generation_tps,
+        peak_memory=last.peak_memory, finish_reason=last.finish_reason, audio_tokens=prompt.n_audio_tokens,
+        audio_seconds=prompt.audio_seconds, encode_seconds=prompt.encode_seconds,
     )
+
+
+# -- one prefill, many answers ---------------------------------------------------------------------
+
+@dataclass
+class Prefill:
+    """A prompt run once through the decoder with no edit."""
+
+    prompt: Prompt
+    cache: list  # the KV cache of every prompt position, T included
+    final: mx.array  # (hidden,) the last block's output at T, before the final norm (model dtype)
+    resid: dict[int, mx.array] = field(default_factory=dict)  # {layer: block output at T, float32}
+    audio_mass: np.ndarray | None = None  # (layers, heads) at T
+    seconds: float = 0.0
+
+
+def prefill(model, prompt: Prompt, *, layers: Sequence[int] = (), audio_mass: bool = False,
+            step: int = PREFILL_STEP) -> Prefill:
+    """Run the prompt as `generate_step` does (all positions but T in chunks, then T alone), keep
+    the cache, and read at T the residual of `layers` and, if asked, every head's audio mass."""
+    tic = time.perf_counter()
+    blocks = model.language_model.model.blocks
+    cache = make_prompt_cache(model.language_model)
+    emb, T = prompt.embeddings, prompt.last
+    for a in range(0, T, step):
+        blocks(emb[None, a:min(a + step, T)], cache)
+        mx.eval([c.state for c in cache])
+    names = [RESID.format(l) for l in sorted(set(layers))] + ([AUDIO_MASS.format("*")] if audio_mass else [])
+    with Capture(model, names, audio_positions=prompt.audio_positions, at=T) as cap:
+        h = blocks(emb[None, T:], cache)
+        mx.eval(h, [c.state for c in cache])
+    resid = {l: cap.resid(l, T).astype(mx.float32) for l in set(layers)}
+    mass = cap.audio_mass(T) if audio_mass else None
+    mx.eval(resid)
+    return Prefill(prompt, cache, h[0, -1], resid, mass, time.perf_counter() - tic)
+
+
+@dataclass
+class Row:
+    """One answer of a batch: `delta` (hidden,) is added to the last block's output at T and, with
+    `every_step`, at every generated position (None: the plain model)."""
+
+    delta: mx.array | None = None
+    every_step: bool = True
+
+
+@dataclass
+class Decoded:
+    tokens: list[int]
+    finish_reason: str
+    listening_tokens: list[float] | None = None
+
+
+def _logprobs(logits: mx.array) -> mx.array:
+    return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # as generate_step, before the argmax
+
+
+def _fork(cache: list, n: int) -> list:
+    """n independent copies of a batch-1 KV cache (the rows of a batch)."""
+    out = []
+    for c in cache:
+        f = KVCache()
+        f.keys, f.values, f.offset = mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0), c.offset
+        out.append(f)
+    return out
+
+
+def _keep_rows(cache: list, keep: mx.array):
+    for c in cache:
+        c.keys, c.values = c.keys[keep], c.values[keep]
+
+
+def decode(model, processor: Processor, pre: Prefill, rows: Sequence[Row], max_tokens: int, *,
+           listen_heads: Sequence[tuple[int, int]] = ()) -> list[Decoded]:
+    """Greedy answers for `rows` from one prefill, decoded together; a row leaves the batch when it
+    ends (eos or `max_tokens`). `pre` is left as it was, so it can serve again.
+
+    `listen_heads`: also record, per row, the listening score (mean audio mass of these heads) at
+    the position that chose each answer token (T for the first)."""
+    lm = model.language_model
+    T, n = pre.prompt.last, len(rows)
+    limit = model.config.text_config.max_position_embeddings
+    max_tokens = max(0, min(max_tokens, limit - len(pre.prompt.ids)))
+    out = [Decoded([], "length") for _ in rows]
+    if max_tokens == 0 or n == 0:
+        return out
+    if listen_heads and pre.audio_mass is None:
+        raise ValueError("listening per token needs a prefill with audio_mass=True")
+    dt = pre.final.dtype
+    zero = mx.zeros_like(pre.final)
+    first = mx.stack([zero if r.delta is None else r.delta.astype(dt) for r in rows])  # (n, hidden)
+    later = mx.stack([zero if r.delta is None or not r.every_step else r.delta.astype(dt) for r in rows])
+    steered = any(r.delta is not None and r.every_step for r in rows)
+    y = mx.argmax(_logprobs(lm.unembed((pre.final[None] + first)[:, None])[:, -1]), axis=-1)
+    mx.async_eval(y)
+
+    eos = set(processor.tokenizer.eos_token_ids)
+    cache = _fork(pre.cache, n)
+    alive = list(range(n))
+    state = {"delta": later}
+
+    def steer(h, point):  # each row's edit of the last block's output, at every decode step
+        return h + state["delta"][:, None]
+
+    layers = sorted({l for l, _ in listen_heads})
+    listen = Capture(model, [AUDIO_MASS.format(l) for l in layers], audio_positions=pre.prompt.audio_positions,
+                     at=slice(T + 1, None)) if listen_heads else None
+    history: list[list[int]] = []  # which rows were in the batch at each decode step
+    hooks = [(f"decoder.blocks.{len(model.layers) - 1}.hook_resid_post", steer)] if steered else []
+    with model.hooks.using(hooks):
+        if listen is not None:
+            listen.__enter__()
+        try:
+            for step in range(max_tokens):
+                last_step = step == max_tokens - 1
+                nxt = None
+                if not last_step:  # build the next step before reading this one (mlx-lm's pipelining)
+                    logits = lm(y[:, None], cache=cache)
+                    nxt = mx.argmax(_logprobs(logits[:, -1]), axis=-1)
+                    mx.async_eval(nxt)
+                    history.append(list(alive))
+                keep = []
+                for k, (i, t) in enumerate(zip(alive, y.tolist())):
+                    if t in eos:
+                        out[i].finish_reason = "stop"
+                        continue
+                    out[i].tokens.append(t)
+                    if not last_step:
+                        keep.append(k)
+                if last_step or not keep:
+                    break
+                if len(keep) < len(alive):
+                    idx = mx.array(keep)
+                    _keep_rows(cache, idx)
+                    nxt = nxt[idx]
+                    state["delta"] = state["delta"][idx]
+                    alive = [alive[k] for k in keep]
+                y = nxt
+        finally:
+            if listen is not None:
+                listen.__exit__(None, None, None)
+    if listen_heads:
+        _listening(out, pre, listen, history, listen_heads, T)
+    return out
+
+
+def _listening(out: list[Decoded], pre: Prefill, cap: Capture, history, heads, T: int):
+    at_T = float(np.mean([pre.audio_mass[l, h] for l, h in heads])) if pre.audio_mass is not None else None
+    per_layer = {l: [np.array(v[:, 0]) for v in cap.values.get(AUDIO_MASS.format(l), [])] for l, _ in heads}
+    for i, d in enumerate(out):
+        scores = [at_T]
+        for s, rows in enumerate(history[: max(0, len(d.tokens) - 1)]):
+            k = rows.index(i)
+            scores.append(float(np.mean([per_layer[l][s][k, h] for l, h in heads])))
+        d.listening_tokens = scores[: len(d.tokens)] if d.tokens else []
+
+
+def detokenize(processor: Processor, tokens: Sequence[int]) -> str:
+    """The text `stream_generate` would have streamed for these tokens."""
+    detok = processor.tokenizer.detokenizer
+    for t in tokens:
+        detok.add_token(t)
+    detok.finalize()
+    return detok.text

@@ -6,9 +6,11 @@ where h_l is decoder block l's output, T the last prompt position and L* the lay
 audio-specialist heads. The model then answers with α·d(x) added to the last decoder block's
 output (before the final norm) at T and, by default, at every generated position. No weights
 change. Because the edit is on the last block's output, it changes only the logits of the step
-where it is applied; the KV cache is untouched.
+where it is applied; the KV cache is untouched, so the unsteered prefill serves every α
+(`generate.prefill` / `decode`), and `Steerer.applied` does the same through hooks for a single
+answer.
 
-Cost: the silence pass stops after layer max(L*) and keeps no cache, and the silence clip's
+Cost: the silence pass runs only blocks 0..max(L*) and keeps no cache, and the silence clip's
 encoder output depends only on its length, so it is computed once per length. The audio pass
 is the answer's own prefill: L* is read and the edit applied in the same forward call.
 """
@@ -19,14 +21,20 @@ import json
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
 
+from . import __version__
+from .audio import HOP_LENGTH, audio_features
+from .capture import AUDIO_MASS, RESID, Capture
 from .errors import ListenError
+from .prompt import Prompt, with_audio
 
 POSITIONS = ("all", "prompt")
 NORMALIZE = ("none", "unit", "relative")
+STRENGTHS = ("fixed", "listening")
 
 
 @dataclass
@@ -55,9 +63,13 @@ class SteerConfig:
             raise ListenError(f"the steering vector has shape {np.shape(self.vector)}; this model's hidden size "
                               f"is {hidden_size}")
         if self.at not in POSITIONS:
-            raise ListenError(f"--steer-at must be one of {POSITIONS}")
+            raise ListenError(f"steering positions must be one of {POSITIONS}, not {self.at!r}")
         if self.normalize not in NORMALIZE:
-            raise ListenError(f"normalize must be one of {NORMALIZE}")
+            raise ListenError(f"normalize must be one of {NORMALIZE}, not {self.normalize!r}")
+        if self.strength not in STRENGTHS:
+            raise ListenError(f"strength must be one of {STRENGTHS}, not {self.strength!r}")
+        if not np.isfinite(self.alpha):
+            raise ListenError(f"the steering strength must be a finite number, not {self.alpha}")
         if self.vector is None and not self.layers:
             raise ListenError("steering needs read layers (from HEADS.json) or a fixed vector")
         if not -n_layers <= self.apply_layer < n_layers:
@@ -71,129 +83,119 @@ class SteerConfig:
         if self.strength == "listening" and (not self.heads or not self.listening_mean):
             raise ListenError("strength 'listening' needs heads and their calibration mean listening score")
 
+    def edits_final(self, n_layers: int) -> bool:
+        """True when the edit is on the last block's output, so the unsteered prefill can be shared."""
+        return self.apply_layer % n_layers == n_layers - 1
 
-class Steerer:
-    """Steered answers for one model; caches the silence encoding per clip length."""
 
-    def __init__(self, model, config: SteerConfig, cache_size: int = 64):
-        config.validate(len(model.layers), model.config.text_config.hidden_size)
-        self.model, self.config = model, config
-        self._silence: OrderedDict[int, mx.array] = OrderedDict()
+class Silence:
+    """The silence side of the contrast for one model: equal-length digital silence, whose projected
+    audio depends only on its length (cached per length, most recent kept)."""
+
+    def __init__(self, model, cache_size: int = 64):
+        self.model = model
+        self._features: OrderedDict[int, mx.array] = OrderedDict()
         self._cache_size = cache_size
 
-    # -- the silence side ----------------------------------------------------------------------
-    def silence_features(self, n_frames: int) -> mx.array:
-        """Projected audio tokens of digital silence with `n_frames` valid mel frames (cached)."""
-        from .audio import HOP_LENGTH, audio_features
-
-        if n_frames not in self._silence:
+    def features(self, n_frames: int) -> mx.array:
+        """Projected audio tokens of digital silence with `n_frames` valid mel frames."""
+        if n_frames not in self._features:
             f = audio_features(np.zeros(n_frames * HOP_LENGTH, np.float32), "silence")
-            assert f.n_frames == n_frames
+            if f.n_frames != n_frames:
+                raise ValueError(f"silence of {n_frames} frames came out with {f.n_frames}")  # a bug, not input
             feats = self.model.encode_audio(f.mel, n_frames)
             mx.eval(feats)
-            self._silence[n_frames] = feats
-            if len(self._silence) > self._cache_size:
-                self._silence.popitem(last=False)
-        self._silence.move_to_end(n_frames)
-        return self._silence[n_frames]
+            self._features[n_frames] = feats
+            if len(self._features) > self._cache_size:
+                self._features.popitem(last=False)
+        self._features.move_to_end(n_frames)
+        return self._features[n_frames]
 
-    def silence_residuals(self, prompt) -> dict[int, mx.array]:
-        """h_l(silence)[T] for l in L*: the same prompt with silence, run only to layer max(L*), whose
-        output is computed for the last position alone (its keys still cover every position)."""
-        from mlx_lm.models.base import create_attention_mask
+    def prompt(self, prompt: Prompt) -> Prompt:
+        """The same prompt with equal-length digital silence in place of each clip."""
+        return with_audio(self.model, prompt, [self.features(c.n_frames) for c in prompt.clips])
 
-        key = ("silence", id(self.model), tuple(sorted(self.config.layers)))
-        if key in prompt.cache:  # the same prompt answered again (another alpha, another condition)
-            return prompt.cache[key]
-        emb = self.model.embed(prompt.ids, [self.silence_features(c.n_frames) for c in prompt.clips])[None]
-        layers = self.model.language_model.model.layers
-        want, out, deepest = set(self.config.layers), {}, max(self.config.layers)
-        mask = create_attention_mask(emb, None)
-        h = emb
-        for i in range(deepest + 1):
-            h = layers[i](h, mask, None, last_only=i == deepest)
-            if i in want:
-                out[i] = h[0, -1].astype(mx.float32)
-        mx.eval(out)
-        prompt.cache[key] = out
-        return out
+    def residuals(self, prompt: Prompt, layers: Sequence[int]) -> dict[int, mx.array]:
+        """h_l(silence)[T] for `layers`: blocks 0..max(layers) of the silent prompt only."""
+        return read_residuals(self.model, self.prompt(prompt), layers)
 
-    # -- the intervention ------------------------------------------------------------------------
-    @contextmanager
-    def applied(self, prompt):
-        """Inside, every forward call of the model is steered for this prompt (generation-ready)."""
-        from .capture import AUDIO_MASS, Capture
 
-        cfg, model = self.config, self.model
-        layers = model.language_model.model.layers
-        T = len(prompt.ids) - 1
-        target = layers[cfg.apply_layer]
-        state = {"pos": 0, "d": None}
-        silence = self.silence_residuals(prompt) if cfg.vector is None else None
-        read: dict[int, mx.array] = {}
+class Steerer:
+    """Steered answers for one model and one configuration."""
 
-        def reader(layer, h):  # h_l(audio)[T] for l in L*, during the answer's own prefill
-            pos = state["pos"]
-            if pos <= T < pos + h.shape[1]:
-                read[layer.index] = h[0, T - pos].astype(mx.float32)
-            return h
+    def __init__(self, model, config: SteerConfig, silence: Silence | None = None):
+        config.validate(len(model.layers), model.config.text_config.hidden_size)
+        self.model, self.config = model, config
+        self.silence = silence or Silence(model)
 
-        cap = Capture(model, AUDIO_MASS.format("*"), prompt.audio_positions) if cfg.strength == "listening" else None
+    def silence_residuals(self, prompt: Prompt) -> dict[int, mx.array]:
+        return self.silence.residuals(prompt, self.config.layers)
 
-        def steer(layer, h):
-            pos, L = state["pos"], h.shape[1]
-            state["pos"] = pos + L
-            if not pos <= T < pos + L and not (cfg.at == "all" and pos > T):
-                return h
-            if state["d"] is None:
-                state["d"] = self._direction(read, silence, h[0, T - pos], cap, T)
-            rows = mx.arange(pos, pos + L)
-            on = (rows == T) if cfg.at == "prompt" else (rows >= T)
-            return h + mx.where(on[:, None], state["d"], 0.0).astype(h.dtype)[None]
-
-        hooks = [] if cfg.vector is not None else [(layers[l].hooks, reader) for l in cfg.layers]
-        hooks.append((target.hooks, steer))
-        for lst, fn in hooks:
-            lst.append(fn)
-        try:
-            if cap is not None:
-                with cap:
-                    yield state
-            else:
-                yield state
-        finally:
-            for lst, fn in hooks:
-                lst.remove(fn)
-
-    def _direction(self, read, silence, h_final_T, cap, T) -> mx.array:
-        """α(x)·d(x), fixed for the rest of this answer."""
+    # -- the direction ---------------------------------------------------------------------------
+    def delta(self, resid: dict[int, mx.array], silence: dict[int, mx.array] | None, final: mx.array,
+              audio_mass=None) -> mx.array:
+        """α(x)·d(x) (hidden,) float32 from what the answer's pass read at T: the audio run's residual
+        at L* (`resid`), the silence's (`silence`), the last block's output (`final`) and, for
+        strength "listening", the heads' audio mass (an array indexable as [l, h])."""
         cfg = self.config
         if cfg.vector is not None:
             d = mx.array(np.asarray(cfg.vector, np.float32))
         else:
-            d = mx.stack([read[l] - silence[l] for l in cfg.layers]).mean(0)
+            d = mx.stack([resid[l] - silence[l] for l in cfg.layers]).mean(0)
         if cfg.normalize != "none":
             d = d / mx.maximum(mx.linalg.norm(d), 1e-12)
             if cfg.normalize == "relative":
-                d = d * mx.linalg.norm(h_final_T.astype(mx.float32))
+                d = d * mx.linalg.norm(final.astype(mx.float32))
         alpha = cfg.alpha
         if cfg.strength == "listening":
-            mass = [cap.cache[f"decoder.blocks.{l}.attn.hook_audio_mass"][-1][0, h] for l, h in cfg.heads]
-            listening = mx.stack(mass).mean()
+            m = mx.array(audio_mass) if isinstance(audio_mass, np.ndarray) else audio_mass
+            listening = mx.stack([m[l, h] for l, h in cfg.heads]).astype(mx.float32).mean()
             alpha = alpha * mx.clip(cfg.listening_mean / mx.maximum(listening, 1e-12), 0.0, cfg.max_scale)
         return alpha * d
 
-    def direction(self, prompt) -> mx.array:
-        """d(x) alone (float32, unscaled): one plain prefill of the audio prompt plus the silence pass."""
-        from .capture import RESID, run_with_cache
-
-        _, cap = run_with_cache(self.model, prompt, [RESID.format(l) for l in self.config.layers])
+    def direction(self, prompt: Prompt) -> mx.array:
+        """d(x) alone (float32, unscaled): blocks 0..max(L*) of the audio prompt and of the silence."""
+        if self.config.vector is not None:
+            return mx.array(np.asarray(self.config.vector, np.float32))
+        audio = read_residuals(self.model, prompt, self.config.layers)
         silence = self.silence_residuals(prompt)
-        d = mx.stack([cap.resid(l).astype(mx.float32) - silence[l] for l in self.config.layers]).mean(0)
+        d = mx.stack([audio[l] - silence[l] for l in self.config.layers]).mean(0)
         mx.eval(d)
         return d
 
-    def generate(self, processor, prompt, **kw):
+    # -- one steered answer through hooks ---------------------------------------------------------
+    @contextmanager
+    def applied(self, prompt: Prompt):
+        """Inside, every forward call of the model is steered for this prompt, at its absolute
+        positions: the call holding T reads L* and forms α·d(x); it is added at T and, with
+        `at="all"`, at every later position. Generation-ready (mlx-lm's loop needs nothing else)."""
+        cfg, model = self.config, self.model
+        n_layers = len(model.layers)
+        T = prompt.last
+        silence = self.silence_residuals(prompt) if cfg.vector is None else None
+        layers = [] if cfg.vector is not None else sorted(set(cfg.layers))
+        names = [RESID.format(l) for l in layers]
+        if cfg.strength == "listening":
+            names += [AUDIO_MASS.format(l) for l in sorted({l for l, _ in cfg.heads})]
+        read = Capture(model, names, audio_positions=prompt.audio_positions, at=T)
+        state: dict[str, mx.array] = {}
+
+        def steer(h, point):
+            L, pos = h.shape[1], point.offset
+            if pos + L <= T:  # entirely before T
+                return None
+            if "d" not in state:
+                mass = _MassAtT(read, T) if cfg.strength == "listening" else None
+                resid = {l: read.resid(l, T).astype(mx.float32) for l in layers}
+                state["d"] = self.delta(resid, silence, h[0, T - pos], mass)
+            rows = mx.arange(pos, pos + L)
+            on = (rows == T) if cfg.at == "prompt" else (rows >= T)
+            return h + mx.where(on[:, None], state["d"], 0.0).astype(h.dtype)[None]
+
+        with read, model.hooks.using([(RESID.format(cfg.apply_layer % n_layers), steer)]):
+            yield state
+
+    def generate(self, processor, prompt: Prompt, **kw):
         """`generate.generate` with the steering applied (alpha 0 adds exact zeros: unchanged output)."""
         from .generate import generate
 
@@ -201,32 +203,68 @@ class Steerer:
             return generate(self.model, processor, prompt, **kw)
 
 
-def config_from(heads_path=None, vector_path=None, **kw) -> SteerConfig:
-    """The CLI's steering options: HEADS.json (per-input direction over its heads' layers), or a
-    fixed vector file (then HEADS.json, if also given, only serves strength="listening")."""
-    if not heads_path and not vector_path:
+class _MassAtT:
+    """`[l, h]` access to the audio mass a capture holds at T (lazy arrays of the current pass)."""
+
+    def __init__(self, cap: Capture, T: int):
+        self.cap, self.T = cap, T
+
+    def __getitem__(self, lh):
+        l, h = lh
+        return self.cap.get(AUDIO_MASS.format(l), self.T)[0, h]
+
+
+def read_residuals(model, prompt: Prompt, layers: Sequence[int]) -> dict[int, mx.array]:
+    """h_l[T] (float32) for `layers`, running blocks 0..max(layers) only, every other hook held off."""
+    layers = sorted(set(layers))
+    T = prompt.last
+    with model.hooks.suspended(), Capture(model, [RESID.format(l) for l in layers], at=T) as cap:
+        model.language_model.model.blocks(prompt.embeddings[None], n_layers=max(layers) + 1)
+        out = {l: cap.resid(l, T).astype(mx.float32) for l in layers}
+        mx.eval(out)
+    return out
+
+
+def steer_config(headset=None, vector_file=None, *, alpha: float | None = None, at: str = "all",
+                 strength: str = "fixed", normalize: str = "none", apply_layer: int = -1) -> tuple[SteerConfig, dict]:
+    """The steering of `--steer HEADS.json` (per-input direction over the heads' layers) or
+    `--vector FILE` (a fixed direction; HEADS.json then serves only strength "listening"), with
+    the settings that identify it in results. `alpha` None: 1, or the vector file's own strength."""
+    from .mmau import file_sha256
+
+    if headset is None and vector_file is None:
         raise ListenError("steering needs --steer HEADS.json or --vector FILE")
-    cfg = from_heads(heads_path, **kw) if heads_path else SteerConfig(**kw)
-    if vector_path:  # the file says which block it was made for
-        cfg.vector, cfg.apply_layer, _ = load_vector(vector_path)
+    if strength == "listening" and headset is None:
+        raise ListenError("--strength listening needs --steer HEADS.json (its heads and calibration mean)")
+    settings = {}
+    if headset is not None:
+        cfg = from_heads(headset, alpha=1.0 if alpha is None else alpha, at=at, strength=strength,
+                         normalize=normalize, apply_layer=apply_layer)
+        if headset.path:
+            settings["heads_sha256"] = file_sha256(headset.path)
+    else:
+        cfg = SteerConfig(alpha=1.0 if alpha is None else alpha, at=at, normalize=normalize)
+    if vector_file is not None:  # the file says which block it was made for, and its default strength
+        cfg.vector, cfg.apply_layer, md = load_vector(vector_file)
         cfg.layers = []
-    return cfg
+        if alpha is None:
+            try:
+                cfg.alpha = float(md.get("coeff", 1.0))
+            except ValueError:
+                raise ListenError(f"{vector_file}: its stored strength {md.get('coeff')!r} is not a number") from None
+        settings["vector_sha256"] = file_sha256(vector_file)
+    return cfg, settings
 
 
-def from_heads(path, alpha: float = 1.0, at: str = "all", **kw) -> SteerConfig:
-    """A steering config from HEADS.json: L* = the distinct layers of the selected heads."""
-    from .heads import HeadSet
-
-    hs = HeadSet.load(path)
-    return SteerConfig(layers=hs.layers, alpha=alpha, at=at, heads=hs.heads,
-                       listening_mean=(hs.meta or {}).get("listening_mean"), **kw)
+def from_heads(headset, alpha: float = 1.0, at: str = "all", **kw) -> SteerConfig:
+    """A steering config from a `heads.HeadSet`: L* = the distinct layers of its heads."""
+    return SteerConfig(layers=headset.layers, alpha=alpha, at=at, heads=list(headset.heads),
+                       listening_mean=(headset.meta or {}).get("listening_mean"), **kw)
 
 
 # -- fixed vectors on disk (repeng / llama.cpp naming: tensor `direction.{layer}`) --------------
 
 def save_vector(path, vector: np.ndarray, *, apply_layer: int, hidden_size: int, meta: dict):
-    from . import __version__
-
     md = {"model_type": "qwen2_audio", "hidden_size": str(hidden_size), "apply_at": "pre_final_norm",
           "mlx_listen_version": __version__}
     md.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
@@ -243,8 +281,13 @@ def load_vector(path, hidden_size: int | None = None, n_layers: int | None = Non
     keys = [k for k in tensors if k.startswith("direction.")]
     if len(keys) != 1:
         raise ListenError(f"{path}: expected one tensor named direction.<layer>, found {sorted(tensors)}")
-    layer = int(keys[0].split(".")[1])
+    try:
+        layer = int(keys[0].split(".")[1])
+    except ValueError:
+        raise ListenError(f"{path}: tensor {keys[0]!r} does not name a layer") from None
     vec = np.array(tensors[keys[0]].astype(mx.float32))
+    if vec.ndim != 1 or not np.isfinite(vec).all():
+        raise ListenError(f"{path}: the direction must be one finite vector, got shape {vec.shape}")
     if hidden_size is not None and (vec.shape != (hidden_size,) or md.get("hidden_size") not in (None, str(hidden_size))):
         raise ListenError(f"{path} was made for hidden size {md.get('hidden_size', vec.shape)}; "
                           f"this model's is {hidden_size}")

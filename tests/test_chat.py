@@ -6,9 +6,9 @@ import pytest
 from conftest import tone
 
 from mlx_listen.audio import audio_features
+from mlx_listen.chat import messages_for, render_default
 from mlx_listen.errors import ListenError
 from mlx_listen.load import load_processor, read_config
-from mlx_listen.prompt import messages_for, render_default
 
 
 def hf_ids(tiny, clips, question, system=None):

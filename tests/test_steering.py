@@ -11,9 +11,11 @@ import soundfile as sf
 from conftest import SR, tone
 
 from mlx_listen.capture import RESID, run_with_cache
+from mlx_listen.conditions import Answerer, baseline, steered
 from mlx_listen.errors import ListenError
-from mlx_listen.generate import generate, prepare
-from mlx_listen.steering import SteerConfig, Steerer, load_vector, save_vector
+from mlx_listen.generate import generate
+from mlx_listen.prompt import prepare
+from mlx_listen.steering import Silence, SteerConfig, Steerer, load_vector, save_vector, steer_config
 
 Q = "Describe the audio."
 
@@ -31,7 +33,7 @@ def test_steered_logits_and_tokens_match_pytorch(tiny, at):
     d = np.array(st.direction(prompt))
     assert np.abs(d - ref["steer_direction"]).max() <= 1e-4 * max(1, np.abs(ref["steer_direction"]).max())
     with st.applied(prompt):
-        logits = np.array(model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])[0, -1])
+        logits = last_logits(model, prompt)
     assert np.abs(logits - ref["steered_logits_last"]).max() <= 1e-4
     unsteered = tiny.reference("greedy-steer", [clip], Q)["logits"][-1]
     assert np.abs(logits - unsteered).max() > 0.05, "steering had no visible effect: a weak test"
@@ -41,16 +43,20 @@ def test_steered_logits_and_tokens_match_pytorch(tiny, at):
     assert st.generate(processor, prompt, max_tokens=24).tokens == hf
 
 
+def last_logits(model, prompt) -> np.ndarray:
+    return np.array(run_with_cache(model, prompt, [])[0][0])
+
+
 def test_alpha_zero_is_bit_identical(tiny_gqa):
     model, processor = tiny_gqa.mlx
     prompt = prepare(model, processor, [tone(2.0)], Q)
-    base = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])
+    base = last_logits(model, prompt)
     st = Steerer(model, SteerConfig(layers=[0, 1], alpha=0.0))
     with st.applied(prompt):
-        steered = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])
-    assert np.array_equal(np.array(base), np.array(steered))
+        steered = last_logits(model, prompt)
+    assert np.array_equal(base, steered)
     assert st.generate(processor, prompt, max_tokens=16).tokens == generate(model, processor, prompt, max_tokens=16).tokens
-    assert all(not l.hooks for l in model.layers)
+    assert model.hooks.active() == []
 
 
 @pytest.mark.parametrize("n", [321, 16001, 40003, 77777])
@@ -60,22 +66,24 @@ def test_equal_length_silence_gives_same_tokens_for_odd_lengths(tiny_gqa, n):
     a = prepare(model, processor, [audio], Q)
     s = prepare(model, processor, [np.zeros(n, np.float32)], Q)
     assert a.ids == s.ids and a.n_audio_tokens == s.n_audio_tokens
-    st = Steerer(model, SteerConfig(layers=[1]))
-    cached = st.silence_features(a.clips[0].n_frames)
+    silence = Silence(model)
+    cached = silence.features(a.clips[0].n_frames)
     assert np.array_equal(np.array(cached), np.array(model.encode_audio(s.clips[0].mel, s.clips[0].n_frames)))
+    assert np.array_equal(np.array(silence.prompt(a).embeddings), np.array(s.embeddings))
 
 
-def test_truncated_silence_pass_equals_full_pass(tiny_gqa):
+def test_short_silence_pass_equals_full_pass(tiny_gqa):
+    """The silence pass runs only blocks 0..max(L*): the same residuals as the whole model's run."""
     model, processor = tiny_gqa.mlx
     clip = tone(3.1)
     prompt = prepare(model, processor, [clip], Q)
     silent = prepare(model, processor, [np.zeros_like(clip)], Q)
     _, cap = run_with_cache(model, silent, [RESID.format(0), RESID.format(1)])
-    for layers in ([0], [0, 1], [1]):  # stops after max(layers), whose last row alone is computed
+    for layers in ([0], [0, 1], [1]):
         short = Steerer(model, SteerConfig(layers=layers)).silence_residuals(prompt)
         for l in layers:
-            full = np.array(cap.resid(l).astype(mx.float32))
-            assert np.abs(np.array(short[l]) - full).max() <= 1e-5 * max(1, np.abs(full).max())
+            full = np.array(cap.resid(l, silent.last).astype(mx.float32))
+            assert np.array_equal(np.array(short[l]), full)
 
 
 def test_vector_file_round_trip_and_width_check(tiny_gqa, tmp_path):
@@ -84,21 +92,103 @@ def test_vector_file_round_trip_and_width_check(tiny_gqa, tmp_path):
     v = np.random.default_rng(0).standard_normal(hidden).astype(np.float32)
     path = tmp_path / "v.safetensors"
     save_vector(path, v, apply_layer=len(model.layers) - 1, hidden_size=hidden,
-                meta={"layers": [0, 1], "alpha": 1.0, "source": "dataset_mean"})
+                meta={"layers": [0, 1], "coeff": 0.5, "source": "dataset_mean"})
     back, layer, md = load_vector(path, hidden, len(model.layers))
     assert np.array_equal(back, v) and layer == len(model.layers) - 1
     assert md["hidden_size"] == str(hidden) and json.loads(md["layers"]) == [0, 1]
     with pytest.raises(ListenError, match="hidden size"):
         load_vector(path, hidden * 2, len(model.layers))
+    # the file's stored strength is what --vector uses without --alpha
+    cfg, settings = steer_config(None, path)
+    assert cfg.alpha == 0.5 and cfg.layers == [] and settings["vector_sha256"]
+    assert steer_config(None, path, alpha=2.0)[0].alpha == 2.0
     # a fixed vector steers without any silence pass
     prompt = prepare(model, processor, [tone(1.0)], Q)
-    st = Steerer(model, SteerConfig(vector=v, alpha=0.5))
+    st = Steerer(model, cfg)
     with st.applied(prompt):
-        steered = model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])[0, -1]
-    h = run_with_cache(model, prompt, RESID.format(len(model.layers) - 1))[1].resid(len(model.layers) - 1)
+        steered = last_logits(model, prompt)
+    h = run_with_cache(model, prompt, RESID.format(len(model.layers) - 1))[1].resid(len(model.layers) - 1, prompt.last)
     lm = model.language_model
     expect = lm.lm_head(lm.model.norm(h + 0.5 * mx.array(v)))
-    assert np.abs(np.array(steered) - np.array(expect)).max() <= 1e-5
+    assert np.abs(steered - np.array(expect)).max() <= 1e-5
+
+
+def test_shared_prefill_gives_the_tokens_of_each_steered_answer(tiny):
+    """Baseline, several alphas, prompt-only steering, a random-layer set, a vector and listening
+    strength answered together (one prefill, one silence pass, one batched decode) give, row for
+    row, the tokens and text of each answered alone through hooks."""
+    model, processor = tiny.mlx
+    prompt = prepare(model, processor, [tone(2.5)], Q)
+    v = np.random.default_rng(1).standard_normal(model.config.text_config.hidden_size).astype(np.float32)
+    mass = run_with_cache(model, prompt, "decoder.blocks.*.attn.hook_audio_mass")[1].audio_mass(prompt.last)
+    heads = [(0, 1), (1, 2)]
+    configs = {f"a{a}": SteerConfig(layers=[0, 1], alpha=a) for a in (0.5, 1.0, 2.0, 4.0)}
+    configs["prompt"] = SteerConfig(layers=[0, 1], alpha=3.0, at="prompt")
+    configs["layer0"] = SteerConfig(layers=[0], alpha=2.0)
+    configs["vector"] = SteerConfig(vector=v, alpha=0.3)
+    configs["listening"] = SteerConfig(layers=[1], alpha=1.0, strength="listening", heads=heads,
+                                       listening_mean=float(mass[0, 1] + mass[1, 2]))  # 2x L(x): alpha doubled
+    conds = [baseline()] + [steered(c, name) for name, c in configs.items()]
+    answerer = Answerer(model, processor, conds, max_tokens=20)
+    calls = []
+    real = answerer.silence.residuals
+    answerer.silence.residuals = lambda *a: calls.append(a[1]) or real(*a)
+    together = answerer(prompt)
+    assert calls == [[0, 1]], "one silence pass over the union of the read layers"
+    assert together["base"].tokens == generate(model, processor, prompt, max_tokens=20).tokens
+    changed = 0
+    for name, cfg in configs.items():
+        alone = Steerer(model, cfg).generate(processor, prompt, max_tokens=20)
+        assert together[name].tokens == alone.tokens, name
+        assert together[name].text == alone.text and together[name].finish_reason == alone.finish_reason
+        changed += together[name].tokens != together["base"].tokens
+    assert changed >= 1, "steering changed no answer: a weak test"
+    assert together["a1.0"].timing["batch"] == len(conds)
+
+
+def test_rows_leave_the_batch_at_eos(tiny_gqa, monkeypatch):
+    """Rows that end early (eos) leave the batch; the others go on with the same tokens."""
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [tone(2.5)], Q)
+    conds = [baseline()] + [steered(SteerConfig(layers=[0, 1], alpha=a), f"a{a}") for a in (1.0, 4.0)]
+    free = Answerer(model, processor, conds, max_tokens=16)(prompt)
+    stop = free["a4.0"].tokens[3]  # make a token of one row an eos: that row ends there
+    eos = set(processor.tokenizer.eos_token_ids) | {stop}
+    monkeypatch.setattr(type(processor.tokenizer), "eos_token_ids", property(lambda self: eos), raising=False)
+    ended = Answerer(model, processor, conds, max_tokens=16)(prompt)
+    for name, ans in free.items():
+        cut = next((i for i, t in enumerate(ans.tokens) if t in eos), None)
+        want = ans.tokens if cut is None else ans.tokens[:cut]
+        assert ended[name].tokens == want, name
+        assert ended[name].finish_reason == ("length" if cut is None else "stop")
+        alone = (generate(model, processor, prompt, max_tokens=16) if name == "base"
+                 else Steerer(model, conds[[c.name for c in conds].index(name)].steer).generate(
+                     processor, prompt, max_tokens=16))
+        assert alone.tokens == want, name
+    assert ended["a4.0"].finish_reason == "stop"
+
+
+def test_listening_of_a_steered_answer_is_the_clips(tiny_gqa):
+    """`ask --listen --steer`: the listening score is the clip's, not the silence pass's (issue 10.1)."""
+    from mlx_listen.ask import ask
+    from mlx_listen.heads import HeadSet
+
+    model, processor = tiny_gqa.mlx
+    clip = tone(2.0)
+    prompt = prepare(model, processor, [clip], Q)
+    hs = HeadSet([(0, 1), (1, 3)])
+    true = hs.listening(run_with_cache(model, prompt, "decoder.blocks.*.attn.hook_audio_mass")[1].audio_mass(prompt.last))
+    silent = Silence(model).prompt(prompt)
+    sil = hs.listening(run_with_cache(model, silent, "decoder.blocks.*.attn.hook_audio_mass")[1].audio_mass(prompt.last))
+    assert abs(true - sil) > 1e-4, "silence and audio give the same score: a weak fixture"
+    for alpha in (0.0, 2.0):
+        ans = ask(model, processor, [clip], Q, heads=hs, steer=SteerConfig(layers=[0, 1], alpha=alpha), max_tokens=6)
+        assert ans.listening == pytest.approx(true, abs=1e-6)
+        assert len(ans.listening_tokens) == len(ans.tokens)
+    batch = Answerer(model, processor, [baseline(), steered(SteerConfig(layers=[0, 1], alpha=2.0))], max_tokens=6,
+                     listen_heads=hs.heads)(prompt)
+    assert batch["steered"].listening == pytest.approx(true, abs=1e-6)
+    assert batch["steered"].listening_tokens == pytest.approx(ans.listening_tokens, abs=1e-5)
 
 
 def test_bad_configs_are_refused(tiny_gqa):
@@ -118,7 +208,6 @@ def test_bad_configs_are_refused(tiny_gqa):
 def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
     """The reference run records the PyTorch steering; `parity` recomputes and checks it."""
     from mlx_listen.convert.reference_run import make_bundle, read_items
-
     from mlx_listen.parity import parity
 
     sf.write(tmp_path / "a.wav", tone(2.2), SR)
@@ -141,8 +230,8 @@ def _split_rows(run):
 
 def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     from click.testing import CliRunner
-    from mlx_listen.cli import main
 
+    from mlx_listen.cli import main
     from mlx_listen.demo_set import make_demo_set
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=2)
@@ -171,15 +260,3 @@ def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     from mlx_listen.sweep import split_ids
 
     assert split_ids(load_items(demo), 0.5, 3) == (res["splits"]["calibration"], res["splits"]["test"])
-
-
-def test_silence_pass_is_shared_between_answers_to_one_prompt(tiny_gqa):
-    """A sweep answers the same prompt at several alphas: one silence pass serves them all, and
-    reusing it changes nothing."""
-    model, processor = tiny_gqa.mlx
-    prompt = prepare(model, processor, [tone(2.0)], Q)
-    Steerer(model, SteerConfig(layers=[0, 1], alpha=1.0)).generate(processor, prompt, max_tokens=8)
-    b = Steerer(model, SteerConfig(layers=[0, 1], alpha=3.0)).generate(processor, prompt, max_tokens=8)
-    assert len(prompt.cache) == 1
-    fresh = prepare(model, processor, [tone(2.0)], Q)
-    assert b.tokens == Steerer(model, SteerConfig(layers=[0, 1], alpha=3.0)).generate(processor, fresh, max_tokens=8).tokens

@@ -1,0 +1,132 @@
+"""Conditions: the ways of answering one prompt that a run compares, and answering them together.
+
+A `Condition` is the plain model (the baseline), a steering configuration (`steering.SteerConfig`:
+per-input audio–silence direction, fixed vector, any α or head set), or an intervention that
+changes the forward pass itself (`intervene`: a function `(model, prompt) -> context manager`
+that installs hooks for one whole answer, e.g. head ablation).
+
+`Answerer` answers one prompt under many conditions with the least work: every condition whose
+edit is on the last block's output (the baseline, steering, random-head controls, vectors)
+shares one prefill, one silence pass (over the union of their layers) and one batched decode;
+the others each get their own prefill and decode with their hooks installed. Greedy decoding.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable, ContextManager, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from .generate import Answer, Decoded, Prefill, Row, decode, detokenize, prefill
+from .prompt import Prompt
+from .steering import Silence, SteerConfig, Steerer
+
+
+@dataclass
+class Condition:
+    name: str
+    steer: SteerConfig | None = None
+    intervene: Callable[..., ContextManager] | None = None
+    settings: dict = field(default_factory=dict)  # what identifies it (recorded in run.json and summaries)
+
+    def describe(self) -> dict:
+        d = {"decoding": "greedy", **self.settings}
+        if self.steer is not None:
+            d["steering"] = self.steer.to_json()
+        return d
+
+
+def baseline(name: str = "base") -> Condition:
+    return Condition(name)
+
+
+def steered(config: SteerConfig, name: str = "steered", settings: dict | None = None) -> Condition:
+    return Condition(name, steer=config, settings=dict(settings or {}))
+
+
+class Answerer:
+    """Greedy answers to prompts under `conditions`, for one model (see the module docstring)."""
+
+    def __init__(self, model, processor, conditions: Sequence[Condition], *, max_tokens: int = 256,
+                 listen_heads: Sequence[tuple[int, int]] = (), audio_mass: bool = False):
+        names = [c.name for c in conditions]
+        if len(set(names)) != len(names):
+            raise ValueError(f"condition names must be distinct: {names}")
+        self.model, self.processor, self.max_tokens = model, processor, max_tokens
+        self.conditions = list(conditions)
+        self.listen_heads = list(listen_heads)
+        self.audio_mass = audio_mass or bool(listen_heads)  # every head's audio mass at T, on each answer
+        self.silence = Silence(model)
+        self.steerers = {c.name: Steerer(model, c.steer, self.silence) for c in conditions if c.steer is not None}
+        n_layers = len(model.layers)
+        self._shared = [c for c in conditions if c.intervene is None
+                        and (c.steer is None or c.steer.edits_final(n_layers))]
+
+    def __call__(self, prompt: Prompt, only: Sequence[str] | None = None) -> dict[str, Answer]:
+        """Answers by condition name (`only`: a subset, e.g. what a resumed run still lacks)."""
+        want = set(only) if only is not None else {c.name for c in self.conditions}
+        shared = [c for c in self._shared if c.name in want]
+        own = [c for c in self.conditions if c.name in want and c not in self._shared]
+        out = self._answer_shared(prompt, shared) if shared else {}
+        for c in own:
+            out[c.name] = self._answer_own(prompt, c)
+        return {c.name: out[c.name] for c in self.conditions if c.name in out}
+
+    def _answer_shared(self, prompt: Prompt, conds: list[Condition]) -> dict[str, Answer]:
+        steer = [c.steer for c in conds if c.steer is not None]
+        per_input = sorted({l for s in steer if s.vector is None for l in s.layers})
+        need_mass = self.audio_mass or any(s.strength == "listening" for s in steer)
+        pre = prefill(self.model, prompt, layers=per_input, audio_mass=need_mass)
+        silence, silence_s = None, 0.0
+        if per_input:
+            tic = time.perf_counter()
+            silence = self.silence.residuals(prompt, per_input)
+            silence_s = time.perf_counter() - tic
+        rows = []
+        for c in conds:
+            if c.steer is None:
+                rows.append(Row())
+            else:
+                delta = self.steerers[c.name].delta(pre.resid, silence, pre.final, pre.audio_mass)
+                rows.append(Row(delta, every_step=c.steer.at == "all"))
+        mx.eval([r.delta for r in rows if r.delta is not None])
+        tic = time.perf_counter()
+        decoded = decode(self.model, self.processor, pre, rows, self.max_tokens, listen_heads=self.listen_heads)
+        timing = {"prefill": pre.seconds, "silence": silence_s, "decode": time.perf_counter() - tic,
+                  "batch": len(conds)}
+        return {c.name: self._answer(prompt, pre, d, timing) for c, d in zip(conds, decoded)}
+
+    def _answer_own(self, prompt: Prompt, cond: Condition) -> Answer:
+        if cond.steer is not None:
+            ctx = self.steerers[cond.name].applied(prompt)
+        else:
+            ctx = cond.intervene(self.model, prompt) if cond.intervene else nullcontext()
+        with ctx:
+            pre = prefill(self.model, prompt, audio_mass=self.audio_mass)
+            tic = time.perf_counter()
+            decoded = decode(self.model, self.processor, pre, [Row()], self.max_tokens,
+                             listen_heads=self.listen_heads)[0]
+        timing = {"prefill": pre.seconds, "silence": 0.0, "decode": time.perf_counter() - tic, "batch": 1}
+        return self._answer(prompt, pre, decoded, timing)
+
+    def _answer(self, prompt: Prompt, pre: Prefill, d: Decoded, timing: dict) -> Answer:
+        n_gen = len(d.tokens) + (d.finish_reason == "stop")
+        listening = d.listening_tokens[0] if d.listening_tokens else (
+            listening_at(pre, self.listen_heads) if self.listen_heads else None)
+        return Answer(
+            text=detokenize(self.processor, d.tokens), tokens=d.tokens, prompt_tokens=len(prompt.ids),
+            prompt_tps=len(prompt.ids) / pre.seconds if pre.seconds else 0.0, generation_tokens=n_gen,
+            generation_tps=n_gen / timing["decode"] if timing["decode"] else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=d.finish_reason,
+            audio_tokens=prompt.n_audio_tokens, audio_seconds=prompt.audio_seconds,
+            encode_seconds=prompt.encode_seconds, listening=listening, listening_tokens=d.listening_tokens,
+            audio_mass=pre.audio_mass if self.audio_mass else None, timing=timing,
+        )
+
+
+def listening_at(pre: Prefill, heads) -> float:
+    return float(np.mean([pre.audio_mass[l, h] for l, h in heads]))
