@@ -11,7 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
-from mlx_listen.prompt import messages_for
+from mlx_listen.chat import messages_for
 
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 

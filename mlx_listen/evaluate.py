@@ -1,12 +1,17 @@
 """`mlx-listen eval`: MMAU-format evaluation with resume, official scoring and several Macs at once.
 
-A run folder holds `run.json` (what identifies the run: model, prompt, decoding, data hash,
-conditions), and per condition a `predictions.jsonl` written one fsync'd line per item, so a
-run killed at any moment resumes where it stopped: a half-written last line is dropped, ids
-already present are never redone. At the end it writes `predictions.json` (a JSON array the
-official MMAU `evaluation.py` reads unchanged) and `summary.json`.
+A run folder holds `run.json` (what identifies the run: the model's weight fingerprint, prompt,
+decoding, data hash, conditions), and per condition a `predictions.jsonl` written one fsync'd
+line per item, so a run killed at any moment resumes where it stopped: a half-written last line
+is dropped, ids already present are never redone. At the end it writes `predictions.json` (a
+JSON array the official MMAU `evaluation.py` reads unchanged) and `summary.json`.
 
-Conditions are pluggable: "base" (greedy baseline) here; the steering issue adds steered ones.
+The runner takes its conditions (`conditions.Condition`: baseline, steered, ablated…) from the
+caller and answers each item under all of them at once (`conditions.Answerer`: one prefill and
+one batched decode for everything that edits only the last block's output). An item that cannot
+be run (audio too short, NaN samples…) is recorded with an `error` and no `model_output`, counted
+and listed in the summary, and left out of the official JSON: a run always finishes.
+
 Under `mlx.launch` each rank takes a share of the remaining items and writes its own
 `predictions.rank{r}.jsonl`; rank 0 merges them when all ranks are done.
 """
@@ -14,96 +19,27 @@ Under `mlx.launch` each rank takes a share of the remaining items and writes its
 from __future__ import annotations
 
 import json
-import os
 import platform
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+import mlx.core as mx
+import soundfile as sf
+from tqdm import tqdm
 
 from . import __version__, mmau
-from .errors import ListenError
+from .audio import audio_features, load_audio
+from .conditions import Answerer, Condition, baseline
+from .errors import AudioWarning, ListenError, ListenWarning
+from .load import load, resolve, weights_fingerprint
+from .prompt import prepare
+from .records import append_jsonl, claim, locked, read_jsonl, write_atomic, write_json
 
 RUN_FILE, PRED_FILE, SUMMARY_FILE, OFFICIAL_FILE = "run.json", "predictions.jsonl", "summary.json", "predictions.json"
 
-
-@dataclass
-class Condition:
-    """A way of answering: `answer(model, processor, prompt, max_tokens) -> generate.Answer`."""
-
-    name: str
-    answer: Callable
-    settings: dict = field(default_factory=dict)  # recorded in run.json; part of the run's identity
-
-
-def steered(config, name: str = "steered", settings: dict | None = None) -> Condition:
-    """Greedy answers with audio–silence steering (`steering.SteerConfig`)."""
-    from .steering import Steerer
-
-    steerers: dict[int, Steerer] = {}
-
-    def answer(model, processor, prompt, max_tokens):
-        st = steerers.get(id(model)) or steerers.setdefault(id(model), Steerer(model, config))
-        return st.generate(processor, prompt, max_tokens=max_tokens, temp=0.0)
-
-    return Condition(name, answer, {"decoding": "greedy", "steering": config.to_json(), **(settings or {})})
-
-
-def baseline() -> Condition:
-    from .generate import generate
-
-    return Condition("base", lambda model, processor, prompt, max_tokens: generate(
-        model, processor, prompt, max_tokens=max_tokens, temp=0.0), {"decoding": "greedy"})
-
-
-# -- durable JSONL -----------------------------------------------------------------------------
-
-def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
-    """Lines of a predictions file; a partial last line (a kill mid-write) is dropped (and cut
-    from the file with `repair`). A bad line elsewhere is corruption, not a kill: refuse."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    rows, good = [], 0
-    lines = data.split(b"\n")
-    for k, line in enumerate(lines):
-        last = k == len(lines) - 1
-        if not line.strip():
-            good += len(line) + (0 if last else 1)
-            continue
-        try:
-            if last:  # no newline after it: the write did not finish
-                raise ValueError("unterminated")
-            row = json.loads(line)
-            if not isinstance(row, dict) or "id" not in row:
-                raise ValueError("not a prediction object")
-            rows.append(row)
-            good += len(line) + 1
-        except ValueError:
-            if not last and any(x.strip() for x in lines[k + 1:]):
-                raise ListenError(f"{path}: line {k + 1} is corrupt (not a partial last line); fix or remove it")
-            break
-    if repair and good < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return rows
-
-
-def append_jsonl(path: Path, row: dict):
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def write_atomic(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-# -- the run -------------------------------------------------------------------------------------
 
 @dataclass
 class EvalSpec:
@@ -117,7 +53,8 @@ class EvalSpec:
     max_tokens: int = 256
     skip_missing: bool = False
     conditions: list[Condition] = field(default_factory=lambda: [baseline()])
-    ids: set[str] | None = None  # only these items (e.g. one split of a sweep)
+    ids: set[str] | None = None  # only these items (e.g. one fold of an experiment)
+    listen_heads: list[tuple[int, int]] = field(default_factory=list)  # record the listening score per token
 
     def dir_for(self, cond: Condition) -> Path:
         """The first condition writes to the run folder itself, the others to a subfolder each."""
@@ -126,8 +63,6 @@ class EvalSpec:
 
 def audio_problem(path: Path) -> str | None:
     """Why `path` cannot be evaluated (missing, unreadable, empty), or None. Reads the header only."""
-    import soundfile as sf
-
     if not path.is_file():
         return "missing"
     try:
@@ -139,20 +74,15 @@ def audio_problem(path: Path) -> str | None:
     return None
 
 
-def select_items(spec: EvalSpec) -> tuple[list[dict], list[str]]:
-    """The items to run (task filter, then limit) and the audio_ids of the ones whose audio is
-    missing or unreadable (each checked up front, so a bad file stops nothing halfway)."""
-    items = _select(spec)
-    return items, [a for a, _ in _problems(spec, items)]
-
-
-def _select(spec: EvalSpec) -> list[dict]:
+def select_items(spec: EvalSpec) -> list[dict]:
+    """The items to run: task filter, id filter, then limit."""
     items = [it for it in mmau.load_items(spec.data)
              if it["task"] in spec.tasks and (spec.ids is None or it["id"] in spec.ids)]
     return items[: spec.limit] if spec.limit is not None else items
 
 
-def _problems(spec: EvalSpec, items: list[dict]) -> list[tuple[str, str]]:
+def audio_problems(spec: EvalSpec, items: list[dict]) -> list[tuple[str, str]]:
+    """(audio_id, reason) for each distinct file that cannot be read, checked up front."""
     out, seen = [], {}
     for it in items:
         a = it["audio_id"]
@@ -163,26 +93,11 @@ def _problems(spec: EvalSpec, items: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
-def identity(spec: EvalSpec) -> dict:
-    prompt = mmau.ALIASES.get(spec.prompt, spec.prompt)
-    return {"model": spec.model, "prompt": prompt, "max_tokens": spec.max_tokens,
-            "data_sha256": mmau.file_sha256(spec.data),
-            "conditions": {c.name: c.settings for c in spec.conditions}}
-
-
-def check_run_dir(spec: EvalSpec, rank: int):
-    ident = identity(spec)
-    path = spec.out / RUN_FILE
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = [k for k in ident if old.get(k) != ident[k]]
-        if diff:
-            raise ListenError(f"{spec.out} holds a run with other settings ({', '.join(diff)} differ); "
-                              "use another --out, or the same settings to resume")
-    elif rank == 0:
-        spec.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, json.dumps({**ident, "data": str(spec.data), "created": time.strftime("%Y-%m-%dT%H:%M:%S")},
-                                      indent=2))
+def identity(spec: EvalSpec, fingerprint: str) -> dict:
+    return {"model_fingerprint": fingerprint, "prompt": mmau.ALIASES.get(spec.prompt, spec.prompt),
+            "max_tokens": spec.max_tokens, "data_sha256": mmau.file_sha256(spec.data),
+            "conditions": {c.name: c.describe() for c in spec.conditions},
+            "listen_heads": [list(h) for h in spec.listen_heads]}
 
 
 def done_ids(cdir: Path, repair: bool) -> set[str]:
@@ -192,44 +107,47 @@ def done_ids(cdir: Path, repair: bool) -> set[str]:
     return ids
 
 
-def prediction_row(item: dict, ans, cond: Condition, seconds: dict, *, prompt: str | None = None,
-                   rank: int | None = None) -> dict:
+def prediction_row(item: dict, ans, cond: Condition, seconds: dict, *, prompt: str, rank: int | None = None) -> dict:
     extracted, parsed = mmau.extract_answer(ans.text)
-    return {
+    row = {
         **item,
-        **({"prompt": prompt} if prompt is not None else {}),  # the preset name
-        **({"rank": rank} if rank is not None else {}),       # the process that answered
+        "prompt": prompt,                # the preset name
+        **({"rank": rank} if rank is not None else {}),  # the process that answered
         "model_output": extracted,       # what the official scorer reads
         "model_prediction": extracted,   # the key older copies of the scorer (and R1-AQA) read
         "raw_output": ans.text,
         "parsed": parsed,
         "correct": mmau.string_match(item["answer"], extracted, item["choices"]),
+        "choice": mmau.matched_choice(extracted, item["choices"]),
         "condition": cond.name,
         "audio_tokens": ans.audio_tokens,
         "prompt_tokens": ans.prompt_tokens,
         "generation_tokens": ans.generation_tokens,
-        "seconds": {**seconds,
-                    "prefill": ans.prompt_tokens / ans.prompt_tps if ans.prompt_tps else 0.0,
-                    "decode": ans.generation_tokens / ans.generation_tps if ans.generation_tps else 0.0},
+        "seconds": {**seconds, **{k: v for k, v in (ans.timing or {}).items()}},
     }
+    if ans.listening is not None:
+        row["listening"] = ans.listening
+        row["listening_tokens"] = [round(x, 6) for x in ans.listening_tokens or []]
+    return row
+
+
+def failed_row(item: dict, cond: Condition, error: Exception, *, prompt: str, rank: int | None = None) -> dict:
+    """An item that could not be run: its reason, no `model_output` (so no scorer counts it)."""
+    return {**item, "prompt": prompt, **({"rank": rank} if rank is not None else {}), "condition": cond.name,
+            "error": str(error)}
 
 
 def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
     """Run (or resume) the evaluation; returns each condition's report (rank 0; others: {})."""
-    import mlx.core as mx
-    from tqdm import tqdm
-
-    from .audio import audio_features, load_audio
-    from .generate import prepare
-    from .load import load
-
     group = mx.distributed.init()
     rank, size = group.rank(), group.size()
     spec.prompt = mmau.ALIASES.get(spec.prompt, spec.prompt)
     if spec.prompt not in mmau.PROMPTS:
         raise ListenError(f"unknown prompt preset {spec.prompt!r} (choose from {', '.join(mmau.PROMPTS)})")
-    items = _select(spec)
-    problems = _problems(spec, items)
+    items = select_items(spec)
+    if not items:
+        raise ListenError(f"no items to evaluate in {spec.data} (after the task and id filters)")
+    problems = audio_problems(spec, items)
     missing = [a for a, _ in problems]
     if missing and not spec.skip_missing:
         n_items = sum(it["audio_id"] in set(missing) for it in items)
@@ -237,56 +155,64 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
         shown += f"\n  … and {len(problems) - 10} more" if len(problems) > 10 else ""
         raise ListenError(f"{n_items} of {len(items)} items have missing or unreadable audio under "
                           f"{spec.audio_dir}:\n  {shown}\nPass --skip-missing to evaluate without them.")
-    missing_set = set(missing)
-    items = [it for it in items if it["audio_id"] not in missing_set]
-    check_run_dir(spec, rank)
-    if rank == 0:  # one process cuts half-written last lines left by a kill, before anyone reads
-        for cond in spec.conditions:
-            spec.dir_for(cond).mkdir(parents=True, exist_ok=True)
-            done_ids(spec.dir_for(cond), repair=True)
-    _barrier(group)
+    items = [it for it in items if it["audio_id"] not in set(missing)]
+    fingerprint = weights_fingerprint(resolve(spec.model))
+    with locked(spec.out, ".lock" if rank == 0 else f".lock.rank{rank}"):
+        if rank == 0:
+            claim(spec.out / RUN_FILE, identity(spec, fingerprint), extra={"model": str(spec.model),
+                                                                           "data": str(spec.data)})
+            for cond in spec.conditions:  # cut half-written last lines left by a kill, before anyone reads
+                spec.dir_for(cond).mkdir(parents=True, exist_ok=True)
+                done_ids(spec.dir_for(cond), repair=True)
+        _barrier(group)
+        if rank != 0:
+            claim(spec.out / RUN_FILE, identity(spec, fingerprint))
+        _answer_items(spec, items, rank, size, progress)
+        _barrier(group)
+        if rank != 0:
+            return {}
+        return {c.name: finish(spec, c, items, missing) for c in spec.conditions}
 
-    todo = []
-    for cond in spec.conditions:
-        done = done_ids(spec.dir_for(cond), repair=False)
-        todo.append({it["id"] for it in items if it["id"] not in done})
-    remaining = [it for it in items if any(it["id"] in t for t in todo)]
+
+def _answer_items(spec: EvalSpec, items: list[dict], rank: int, size: int, progress: bool):
+    todo = {c.name: {it["id"] for it in items} - done_ids(spec.dir_for(c), repair=False) for c in spec.conditions}
+    remaining = [it for it in items if any(it["id"] in t for t in todo.values())]
     mine = remaining[rank::size]
-
-    if mine:
-        model, processor = load(spec.model)
+    if not mine:
+        return
+    model, processor = load(spec.model)
+    answer = Answerer(model, processor, spec.conditions, max_tokens=spec.max_tokens, listen_heads=spec.listen_heads)
     suffix = f".rank{rank}" if size > 1 else ""
-    bar = tqdm(mine, desc=f"eval{' rank %d' % rank if size > 1 else ''}", unit="item", file=sys.stderr,
-               disable=not progress, initial=0, total=len(mine))
-    for item in bar:
+    rank_tag = rank
+    for item in tqdm(mine, desc=f"eval{' rank %d' % rank if size > 1 else ''}", unit="item", file=sys.stderr,
+                     disable=not progress):
+        conds = [c for c in spec.conditions if item["id"] in todo[c.name]]
         tic = time.perf_counter()
-        audio = load_audio(spec.audio_dir / item["audio_id"])
-        load_s = time.perf_counter() - tic
-        tic = time.perf_counter()
-        feats = audio_features(audio, item["audio_id"])
-        prompt = prepare(model, processor, [feats], mmau.build_prompt(item, spec.prompt))
+        try:
+            with warnings.catch_warnings(record=True) as caught:  # kept per item, summed up at the end
+                warnings.simplefilter("always", AudioWarning)
+                audio = load_audio(spec.audio_dir / item["audio_id"])
+                load_s = time.perf_counter() - tic
+                tic = time.perf_counter()
+                feats = audio_features(audio, item["audio_id"])
+            prompt = prepare(model, processor, [feats], mmau.build_prompt(item, spec.prompt))
+        except ListenError as e:  # this item's audio is unusable: record it, go on
+            for c in conds:
+                append_jsonl(spec.dir_for(c) / f"predictions{suffix}.jsonl",
+                             failed_row(item, c, e, prompt=spec.prompt, rank=rank_tag))
+            continue
         # log-mel, tokenising and embedding: the rest of preparing the prompt, outside the encoder
-        features_s = max(time.perf_counter() - tic - prompt.encode_seconds, 0.0)
-        for cond, t in zip(spec.conditions, todo):
-            if item["id"] not in t:
-                continue
-            tic = time.perf_counter()
-            ans = cond.answer(model, processor, prompt, spec.max_tokens)
-            row = prediction_row(item, ans, cond, {"audio_load": load_s, "features": features_s,
-                                                   "encoder": prompt.encode_seconds,
-                                                   "answer": time.perf_counter() - tic},
-                                 prompt=spec.prompt, rank=rank)
-            append_jsonl(spec.dir_for(cond) / f"predictions{suffix}.jsonl", row)
-    _barrier(group)
-    if rank != 0:
-        return {}
-    return {c.name: finish(spec, c, items, missing) for c in spec.conditions}
+        seconds = {"audio_load": load_s, "features": max(time.perf_counter() - tic - prompt.encode_seconds, 0.0),
+                   "encoder": prompt.encode_seconds}
+        facts = {**feats.to_dict(), **({"warnings": [str(w.message) for w in caught]} if caught else {})}
+        answers = answer(prompt, only=[c.name for c in conds])
+        for c in conds:
+            row = prediction_row(item, answers[c.name], c, seconds, prompt=spec.prompt, rank=rank_tag)
+            append_jsonl(spec.dir_for(c) / f"predictions{suffix}.jsonl", {**row, **facts})
 
 
 def _barrier(group):
     if group.size() > 1:
-        import mlx.core as mx
-
         mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
 
 
@@ -302,36 +228,49 @@ def finish(spec: EvalSpec, cond: Condition, items: list[dict], missing: list[str
     write_atomic(cdir / PRED_FILE, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered))
     for f in cdir.glob("predictions.rank*.jsonl"):
         f.unlink()
-    scored = [rows[i] for i in order]
-    write_atomic(cdir / OFFICIAL_FILE, json.dumps(scored, ensure_ascii=False, indent=1))
-    report = mmau.score(scored, raw_key="raw_output")
+    answered = [rows[i] for i in order if "error" not in rows[i]]
+    failed = [{"id": rows[i]["id"], "audio_id": rows[i]["audio_id"], "error": rows[i]["error"]}
+              for i in order if "error" in rows[i]]
+    write_atomic(cdir / OFFICIAL_FILE, json.dumps(answered, ensure_ascii=False, indent=1))
+    if not answered:
+        raise ListenError(f"no item could be answered ({len(failed)} failed, e.g. {failed[0]['id']}: "
+                          f"{failed[0]['error']})" if failed else "no item was answered")
+    report = mmau.score(answered, raw_key="raw_output")
     summary = {
         **report.to_dict(),
-        "condition": cond.name, "settings": cond.settings,
+        "condition": cond.name, "settings": cond.describe(),
         "model": spec.model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "decoding": "greedy",
         "data": str(spec.data), "data_sha256": mmau.file_sha256(spec.data),
         "tasks": list(spec.tasks), "limit": spec.limit,
         "missing_audio": missing, "n_missing_audio": len(missing),
-        "truncated_clips": sum(1 for r in scored if r.get("audio_tokens", 0) >= 750),
-        "timing": _timing(scored),
-        "versions": _versions(),
+        "failed": failed, "n_failed": len(failed),
+        "official_json_note": f"{OFFICIAL_FILE} holds the {len(answered)} answered items"
+                              + (f"; the {len(failed)} failed items are left out (see 'failed')" if failed else ""),
+        "truncated_clips": sum(1 for r in answered if r.get("audio_truncated")),
+        "damaged_clips": sum(1 for r in answered if r.get("audio_damage")),
+        "timing": _timing(answered),
+        "versions": versions(),
     }
-    write_atomic(cdir / SUMMARY_FILE, json.dumps(summary, indent=2))
+    write_json(cdir / SUMMARY_FILE, summary)
+    if cond is spec.conditions[0] and (summary["truncated_clips"] or summary["damaged_clips"]):
+        warnings.warn(f"{summary['truncated_clips']} of {len(answered)} clips were longer than 30 s (only their first "
+                      f"30 s used); {summary['damaged_clips']} damaged (see audio_damage in {PRED_FILE})",
+                      ListenWarning, stacklevel=2)
+    report.failed = failed
     return report
 
 
 def _timing(rows: list[dict]) -> dict:
-    keys = ["audio_load", "features", "encoder", "prefill", "decode", "answer"]
+    keys = ["audio_load", "features", "encoder", "prefill", "silence", "decode"]
     tot = {k: sum(r["seconds"].get(k, 0.0) for r in rows) for k in keys}
     n = max(len(rows), 1)
-    total = sum(tot[k] for k in ("audio_load", "features", "encoder", "answer"))  # answer = prefill + decode
+    total = sum(tot.values())  # the work of the whole item, shared by every condition answered with it
     return {"total_s": {k: round(v, 4) for k, v in tot.items()},
             "mean_s": {k: round(v / n, 5) for k, v in tot.items()},
             "items_per_s": round(len(rows) / total, 4) if total else None}
 
 
-def _versions() -> dict:
-    import mlx.core as mx
+def versions() -> dict:
     import mlx_lm
 
     return {"mlx_listen": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
@@ -339,23 +278,34 @@ def _versions() -> dict:
 
 
 def read_predictions(path: Path) -> list[dict]:
-    """Our JSONL, or the official JSON array (`model_output` per item)."""
+    """Our JSONL (a run folder or its file), or the official JSON array (`model_output` per item)."""
     path = Path(path)
     if path.is_dir():
         path = path / PRED_FILE
     if not path.exists():
         raise ListenError(f"{path} not found")
-    text = path.read_text(encoding="utf-8").lstrip()
+    try:
+        text = path.read_text(encoding="utf-8").lstrip()
+    except UnicodeDecodeError:
+        raise ListenError(f"{path} is not a predictions file (not UTF-8 text)") from None
     if text.startswith("["):
         try:
-            return json.loads(text)
+            rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise ListenError(f"{path} is not valid JSON ({e})") from None
+        if not all(isinstance(r, dict) for r in rows):
+            raise ListenError(f"{path}: expected a JSON array of prediction objects")
+        return rows
+    if not text:
+        raise ListenError(f"{path} is empty")
+    if not text.startswith("{"):
+        raise ListenError(f"{path} is not a predictions file (neither our JSONL nor the official JSON array)")
     return read_jsonl(path)
 
 
-def rekey(rows: list[dict], key_file: Path) -> list[dict]:
-    """Score predictions against another answer key (e.g. the other MMAU version), matched by id."""
+def rekey(rows: list[dict], key_file: Path) -> tuple[list[dict], int]:
+    """Predictions scored against another answer key (e.g. the other MMAU version), matched by id;
+    also how many predictions the key does not have."""
     key = {it["id"]: it for it in mmau.load_items(key_file)}
     out = []
     for r in rows:
@@ -363,4 +313,4 @@ def rekey(rows: list[dict], key_file: Path) -> list[dict]:
             k = key[r["id"]]
             out.append({**r, **{f: k[f] for f in ("question", "choices", "answer", "task", "difficulty",
                                                    "category", "sub-category") if f in k}})
-    return out
+    return out, len(rows) - len(out)

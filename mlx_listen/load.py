@@ -6,16 +6,18 @@ done by `Model.sanitize` at load time, so there is no need to keep a second 17 G
 
 from __future__ import annotations
 
+import hashlib
+import json
+import struct
 from pathlib import Path
 
 import mlx.core as mx
 
-from .config import ModelConfig
+from .chat import Processor, find_chat_template
+from .config import DEFAULT_MODEL, ModelConfig
 from .errors import ModelError
 from .model import Model
-from .prompt import Processor, find_chat_template
 
-DEFAULT_MODEL = "Qwen/Qwen2-Audio-7B-Instruct"
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
 
 
@@ -52,9 +54,27 @@ def read_config(path: Path) -> dict:
     if not (path / "config.json").exists():
         raise ModelError(f"{path} has no config.json: not a model folder")
     try:
-        return load_config(path)
-    except ValueError as e:  # json.JSONDecodeError: a truncated or hand-edited file
+        config = load_config(path)
+    except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError: a truncated or hand-edited file
         raise ModelError(f"{path}: config.json is not valid JSON ({_short(e)})") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{path}: config.json holds a JSON {type(config).__name__}, not a model config object")
+    return config
+
+
+def _check_shards(path: Path):
+    """Every weight file the index names must be there (else mlx-lm only says 'Missing N parameters')."""
+    index = path / "model.safetensors.index.json"
+    if not index.exists():
+        return
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ModelError(f"{index} is not a valid weight index ({_short(e)})") from None
+    missing = sorted(n for n in names if not (path / n).is_file())
+    if missing:
+        raise ModelError(f"{path}: weight file{'s' if len(missing) > 1 else ''} {', '.join(missing)} listed in "
+                         "model.safetensors.index.json missing (an interrupted download or copy?)")
 
 
 def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
@@ -68,6 +88,7 @@ def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
         raise ModelError(f"{path}: {e}") from None
     if not list(path.glob("model*.safetensors")):
         raise ModelError(f"{path} has no model*.safetensors weight files")
+    _check_shards(path)
     try:
         model, config = mlx_lm_load_model(
             path, lazy=True, get_model_classes=lambda config: (Model, ModelConfig)
@@ -81,16 +102,33 @@ def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
     return model, config
 
 
+def model_shape(path_or_repo: str | Path) -> tuple[int, int]:
+    """(decoder layers, heads per layer) from the config alone, without loading weights."""
+    path = resolve(path_or_repo)
+    try:
+        text = ModelConfig.from_dict(read_config(path)).text_config
+    except ValueError as e:
+        raise ModelError(f"{path}: {e}") from None
+    return text.num_hidden_layers, text.num_attention_heads
+
+
 def load_processor(path: Path, config: dict) -> Processor:
     from mlx_lm.utils import load_tokenizer
 
     eos = config.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos
+    if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():
+        raise ModelError(f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt); "
+                         "copy the tokenizer files from the original checkpoint")
     try:
         tok = load_tokenizer(path, eos_token_ids=eos)
     except Exception as e:
         raise ModelError(f"{path}: cannot load the tokenizer ({_short(e)})") from None
-    return Processor(tok, find_chat_template(path))
+    try:
+        template = find_chat_template(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ModelError(f"{path}: cannot read the chat template ({_short(e)})") from None
+    return Processor(tok, template)
 
 
 def load(path_or_repo: str | Path = DEFAULT_MODEL, lazy: bool = False) -> tuple[Model, Processor]:
@@ -98,6 +136,32 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, lazy: bool = False) -> tuple[
     path = resolve(path_or_repo)
     model, config = load_model(path, lazy=lazy)
     return model, load_processor(path, config)
+
+
+def weights_fingerprint(path: Path) -> str:
+    """A short hash that names the exact weights of a folder without loading them: the config and,
+    per weight file, its safetensors header and the first bytes of a few tensors. Two copies of the
+    same folder agree wherever they sit; a different checkpoint (or a re-conversion of another
+    model into the same folder) does not."""
+    h = hashlib.sha256()
+    h.update((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
+    for f in sorted(path.glob("model*.safetensors")):
+        with open(f, "rb") as fh:
+            raw = fh.read(8)
+            if len(raw) < 8:
+                raise ModelError(f"{f} is truncated (not a safetensors file)")
+            n = struct.unpack("<Q", raw)[0]
+            header = fh.read(n)
+            h.update(f.name.encode() + header)
+            try:
+                entries = [v for k, v in json.loads(header).items() if k != "__metadata__"]
+            except (ValueError, UnicodeDecodeError, AttributeError):
+                raise ModelError(f"{f} is not a safetensors file (bad header)") from None
+            for e in entries[:: max(1, len(entries) // 4)][:5]:
+                start = e["data_offsets"][0]
+                fh.seek(8 + n + start)
+                h.update(fh.read(min(4096, e["data_offsets"][1] - start)))
+    return h.hexdigest()[:16]
 
 
 def model_dtype(model: Model) -> mx.Dtype:

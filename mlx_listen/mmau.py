@@ -57,6 +57,8 @@ def load_items(path) -> list[dict]:
         raise ListenError(f"cannot read MMAU questions from {path}: {e}") from e
     if not isinstance(data, list):
         raise ListenError(f"{path}: expected a JSON array of MMAU items, got {type(data).__name__}")
+    if not data:
+        raise ListenError(f"{path} holds no items (an empty JSON array)")
     items, seen = [], set()
     for i, raw in enumerate(data):
         name = raw.get("id", f"#{i}") if isinstance(raw, dict) else f"#{i}"
@@ -145,6 +147,14 @@ def string_match(answer: str, prediction: str, choices) -> bool:
     return a <= p and p.isdisjoint(wrong)
 
 
+def matched_choice(prediction: str, choices) -> int | None:
+    """The index of the one choice the official matcher accepts for `prediction`, else None (no
+    choice, or several: the answer picks no option). Answers that differ only in case or
+    punctuation pick the same choice."""
+    hits = [i for i, c in enumerate(choices) if string_match(c, prediction or "", choices)]
+    return hits[0] if len(hits) == 1 else None
+
+
 def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
     """95% Wilson score interval for a proportion; (0, 1) when there is no data."""
     if n == 0:
@@ -192,6 +202,7 @@ class Report:
     skipped: int = 0
     unparsed: int | None = None
     items: list = field(default_factory=list)  # per-item {id, task, ..., correct}
+    failed: list = field(default_factory=list)  # items that could not be run: {id, audio_id, error}
 
     def to_dict(self) -> dict:
         lo, hi = wilson(self.overall.correct, self.overall.n)
@@ -245,6 +256,11 @@ class Report:
                      + ("unknown" if self.unparsed is None else str(self.unparsed)))
         if self.skipped:
             lines.append(f"skipped (no prediction): {self.skipped}")
+        if self.failed:
+            lines.append(f"failed items (not scored): {len(self.failed)}")
+            lines += [f"  {f['id']}: {f['error']}" for f in self.failed[:10]]
+            if len(self.failed) > 10:
+                lines.append(f"  … and {len(self.failed) - 10} more (summary.json lists them all)")
         return "\n".join(lines)
 
 
@@ -341,3 +357,15 @@ def compare(preds_a, preds_b, key: str = "model_output") -> dict:
                      "a_correct": ca, "b_correct": cb, "wrong_to_right": wr,
                      "right_to_wrong": rw, "p_mcnemar": mcnemar_exact(wr, rw)}
     return out
+
+
+def compare_lines(res: dict, name_a: str, name_b: str) -> list[str]:
+    """The terminal table of `compare`: accuracy per task, flips, McNemar's exact p."""
+    lines = [f"A = {name_a}", f"B = {name_b}", f"{res['n']} paired items",
+             f"{'':<8} {'n':>5} {'A':>7} {'B':>7} {'wrong->right':>13} {'right->wrong':>13} {'McNemar p':>10}"]
+    for k in ("overall", *TASKS):
+        r = res[k]
+        if r["n"]:
+            lines.append(f"{k:<8} {r['n']:>5} {r['a']:>7.2%} {r['b']:>7.2%} {r['wrong_to_right']:>13} "
+                         f"{r['right_to_wrong']:>13} {r['p_mcnemar']:>10.4g}")
+    return lines

@@ -19,12 +19,22 @@ import mlx.core as mx
 import numpy as np
 
 from .audio import audio_features, load_audio
-from .bundle import FINGERPRINT_SLICES, Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
+from .bundle import (
+    LEGACY_FINGERPRINT_SLICES,
+    Bundle,
+    BundleError,
+    config_hash,
+    load_bundle,
+    sha256_file,
+    sketch,
+    slices_from_json,
+)
 from .capture import run_with_cache
+from .chat import messages_for
 from .errors import ListenError
-from .generate import generate, prepare
+from .generate import generate
 from .load import load_model, load_processor, model_dtype, resolve
-from .prompt import messages_for
+from .prompt import prepare
 
 FP32_RTOL = 1e-4
 FEATURE_ATOL = 1e-4
@@ -94,33 +104,97 @@ def _quant_bits(model) -> int | None:
     return int(q["bits"]) if q else None
 
 
+# A fingerprinted block (`bundle.fingerprint_slices`) whose centred values differ from the bundle's
+# by more than this relative error (||ours - ref|| / ||ref||, each side minus its mean) comes from
+# other weights. Same weights converted, cast to bf16/fp16 or quantised to 8/4 bits stay below
+# ~0.1; unrelated random blocks sit near sqrt(2) = 1.41 (measured: tests/test_parity.py).
+FINGERPRINT_MAX_REL = 0.5
+# A block whose centred spread is under this fraction of its magnitude (norm weights near 1, zero biases)
+# cannot tell checkpoints apart at bf16 or 4-bit precision: it is skipped.
+FINGERPRINT_MIN_SPREAD = 0.05
+
+
 def check_identity(bundle: Bundle, model, config: dict):
     """Refuse a bundle recorded from another model (architecture hash, weight fingerprint)."""
-    want = bundle.manifest["model"]
-    if config_hash(config) != want["config_hash"]:
+    want = bundle.manifest.get("model") or {}
+    if config_hash(config) != want.get("config_hash"):
         raise ListenError("the bundle was recorded from a model with another architecture/config "
-                          f"(config hash {want['config_hash']} vs {config_hash(config)})")
-    ours, ref = [], []
-    for name, idx in FINGERPRINT_SLICES.items():
-        if name in want["fingerprint"]:
-            ours.append(np.array(_weight(model, name)[idx].astype(mx.float32)).reshape(-1))
-            ref.append(np.asarray(want["fingerprint"][name], np.float64))
-    _, _, cos, _ = _metrics(np.concatenate(ours), np.concatenate(ref))
-    if cos < 0.98:
-        raise ListenError(f"the bundle was recorded from different weights (weight fingerprint cosine {cos:.3f}; "
-                          "same config, another checkpoint?)")
+                          f"(config hash {want.get('config_hash')} vs {config_hash(config)})")
+    errors, skipped = fingerprint_errors(bundle, model)
+    if not errors:
+        why = f"{len(skipped)} entries, none usable: {'; '.join(skipped[:3])}" if skipped else "none recorded"
+        raise ListenError(f"the bundle has no usable weight fingerprint ({why}), so it cannot show it was recorded "
+                          "from this model; record it again with this version of mlx-listen-reference")
+    bad = {n: e for n, e in errors.items() if not e <= FINGERPRINT_MAX_REL}
+    if bad:
+        worst = max(bad, key=lambda n: np.nan_to_num(bad[n], nan=np.inf))
+        raise ListenError(f"the bundle was recorded from different weights: {len(bad)} of {len(errors)} fingerprinted "
+                          f"tensors differ (worst {worst}: relative error {bad[worst]:.2f}, limit "
+                          f"{FINGERPRINT_MAX_REL:g}); same config, another checkpoint?")
+
+
+def fingerprint_errors(bundle: Bundle, model) -> tuple[dict[str, float], list[str]]:
+    """Per usable fingerprint entry, the relative error of our block against the bundle's, both centred;
+    and the entries that cannot be used, with why (constant in the bundle, e.g. the norm weights and
+    zero biases old bundles stored; unknown slice; malformed; not in this model)."""
+    want = bundle.manifest.get("model") or {}
+    values = want.get("fingerprint") if isinstance(want.get("fingerprint"), dict) else {}
+    spec = want.get("fingerprint_slices") if isinstance(want.get("fingerprint_slices"), dict) else {}
+    errors, skipped = {}, []
+    for name, vals in values.items():
+        try:
+            idx = slices_from_json(spec[name]) if name in spec else LEGACY_FINGERPRINT_SLICES[name]
+        except KeyError:
+            skipped.append(f"{name}: no slice recorded")
+            continue
+        except ValueError as e:
+            skipped.append(f"{name}: bad slice ({e})")
+            continue
+        try:
+            ref = np.asarray(vals, np.float64).reshape(-1)
+        except (TypeError, ValueError):
+            skipped.append(f"{name}: values are not numbers")
+            continue
+        if ref.size == 0 or not np.isfinite(ref).all():
+            skipped.append(f"{name}: empty or non-finite values")
+            continue
+        try:
+            w = _weight(model, name)
+        except (AttributeError, IndexError, KeyError, ValueError):
+            skipped.append(f"{name}: not a tensor of this model")
+            continue
+        if w.ndim != len(idx):
+            skipped.append(f"{name}: slice of {len(idx)} dims for a {w.ndim}-dim tensor")
+            continue
+        ours = np.array(w[idx].astype(mx.float32), np.float64).reshape(-1)
+        if ours.size != ref.size:
+            skipped.append(f"{name}: {ref.size} values for a block of {ours.size}")
+            continue
+        rc, oc = ref - ref.mean(), ours - ours.mean()
+        den = float(np.linalg.norm(rc))
+        if den == 0.0 or den < FINGERPRINT_MIN_SPREAD * float(np.linalg.norm(ref)):
+            skipped.append(f"{name}: (nearly) constant in the bundle")
+            continue
+        errors[name] = float(np.linalg.norm(oc - rc)) / den
+    return errors, skipped
 
 
 def _weight(model, name: str) -> mx.array:
-    """A parameter by its checkpoint name, dequantised if its module is quantised."""
+    """A parameter by its checkpoint name, in the checkpoint's layout, dequantised if its module is quantised."""
     *path, leaf = name.split(".")
+    if path[:2] == ["language_model", "lm_head"] and "lm_head" not in model.language_model:
+        path = ["language_model", "model", "embed_tokens"]  # tied: the head is the embedding
     mod = model
     for p in path:
-        mod = getattr(mod, p)
-    if "scales" in mod:
-        return mx.dequantize(mod.weight, mod.scales, mod.get("biases"), group_size=mod.group_size,
-                             bits=mod.bits, mode=mod.mode)
-    return mod[leaf]
+        mod = mod[int(p)] if isinstance(mod, list) else getattr(mod, p)
+    if leaf == "weight" and "scales" in mod:
+        w = mx.dequantize(mod.weight, mod.scales, mod.get("biases"), group_size=mod.group_size,
+                          bits=mod.bits, mode=mod.mode)
+    else:
+        w = mod[leaf]
+    if name.startswith("audio_tower.conv") and leaf == "weight" and w.ndim == 3:
+        w = w.transpose(0, 2, 1)  # MLX (out, k, in) -> torch/hub (out, in, k)
+    return w
 
 
 def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new_tokens: int) -> dict:
@@ -137,11 +211,11 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         raise ListenError(f"item {item['id']}: the bundle was made with another prompt format (chat template); "
                           "the rendered prompts differ")
     prompt = prepare(model, processor, [feats], item["question"], item.get("system"))
-    enc = model.audio_tower(feats.mel, feats.n_frames)
-    proj = model.multi_modal_projector(enc)
+    enc, proj = prompt.encoder_out[0], prompt.audio_embeddings[0]  # the encoder runs once, in prepare
     logits, cap = run_with_cache(model, prompt, ["decoder.blocks.*.hook_resid_post",
                                                  "decoder.blocks.*.attn.hook_audio_mass"])
-    mass = cap.audio_mass(len(prompt.ids) - 1)
+    T = prompt.last
+    mass = cap.audio_mass(T)
     f32 = lambda a: np.array(a.astype(mx.float32))  # noqa: E731
     out = {
         "input_ids": np.array(prompt.ids, np.int32),
@@ -149,8 +223,8 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         "features": f32(feats.mel[:, : feats.n_frames]),
         "encoder_sketch": sketch(f32(enc)), "encoder_norms": np.linalg.norm(f32(enc), axis=-1),
         "projector_sketch": sketch(f32(proj)), "projector_norms": np.linalg.norm(f32(proj), axis=-1),
-        "hidden_last": np.stack([f32(cap.resid(l)) for l in range(len(model.layers))]),
-        "logits_last": f32(logits[0, -1]),
+        "hidden_last": np.stack([f32(cap.resid(l, T)) for l in range(len(model.layers))]),
+        "logits_last": f32(logits[0]),
         "audio_mass": mass,
     }
     if bundle.manifest.get("heads"):
@@ -163,8 +237,7 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         st = Steerer(model, SteerConfig(layers=steering["layers"], alpha=steering["alpha"], at=steering["at"]))
         out["steer_direction"] = np.array(st.direction(prompt))
         with st.applied(prompt):
-            out["steered_logits_last"] = f32(model(mx.array(prompt.ids)[None],
-                                                   input_embeddings=prompt.embeddings[None])[0, -1])
+            out["steered_logits_last"] = f32(run_with_cache(model, prompt, [])[0][0])
         if max_new_tokens:
             out["steered_greedy_tokens"] = np.array(st.generate(processor, prompt, max_tokens=max_new_tokens).tokens,
                                                     np.int32)

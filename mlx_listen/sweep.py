@@ -8,18 +8,24 @@ so everything `eval` gives (predictions, official-format files, tables) holds fo
 
 from __future__ import annotations
 
-import json
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 from . import mmau
+from .conditions import baseline, steered
 from .errors import ListenError
-from .evaluate import EvalSpec, baseline, read_predictions, run_eval, steered, write_atomic
+from .evaluate import EvalSpec, read_predictions, run_eval, select_items
 from .heads import HeadSet, random_heads
-from .steering import SteerConfig
+from .load import model_shape
+from .plots import curve_plot
+from .prompt import prepare
+from .records import write_json
+from .steering import SteerConfig, Steerer, from_heads, save_vector
 
 
 def split_ids(items: Sequence[dict], calib_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -38,29 +44,33 @@ def split_ids(items: Sequence[dict], calib_fraction: float, seed: int) -> tuple[
 
 
 def _name(alpha: float, control: int | None = None) -> str:
+    """α = 0 adds exact zeros: it is the baseline, answered once, under the name "base"."""
+    if alpha == 0:
+        return "base"
     return f"alpha={alpha:g}" + (f"-random{control}" if control is not None else "")
 
 
 def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib_fraction: float = 0.5,
-          seed: int = 0, n_random: int = 1, n_layers: int, n_heads: int, progress: bool = True) -> dict:
+          seed: int = 0, n_random: int = 1, progress: bool = True) -> dict:
     """Accuracy per α on the calibration split (heads and random-head control), the best α (ties: the
-    smallest |α|), then baseline vs that α on the test split."""
-    items = [it for it in mmau.load_items(spec.data) if it["task"] in spec.tasks][: spec.limit]
+    smallest |α|), then baseline vs that α on the test split. Every condition of a split is answered
+    from one prefill per item (`conditions.Answerer`)."""
+    items = select_items(replace(spec, ids=None))
     calib, test = split_ids(items, calib_fraction, seed)
-    assert not set(calib) & set(test)
     out = spec.out
     out.mkdir(parents=True, exist_ok=True)
+    n_layers, n_heads = model_shape(spec.model)
     k = len(config.heads)
     controls = [HeadSet(random_heads(n_layers, n_heads, k, seed + 1 + i)) for i in range(n_random)]
-    conds = [steered(replace(config, alpha=a), _name(a)) for a in alphas]
+    conds = [baseline()] + [steered(replace(config, alpha=a), _name(a)) for a in alphas if a != 0]
     conds += [steered(replace(config, alpha=a, layers=c.layers, heads=c.heads), _name(a, i))
-              for i, c in enumerate(controls) for a in alphas]
+              for i, c in enumerate(controls) for a in alphas if a != 0]
     cal = run_eval(replace(spec, out=out / "calibration", ids=set(calib), conditions=conds, limit=None),
                    progress=progress)
     acc = {c.name: cal[c.name].to_dict()["accuracy"] for c in conds}
     best = max(alphas, key=lambda a: (acc[_name(a)]["overall"], -abs(a)))
-    chosen = steered(replace(config, alpha=best), _name(best))
-    tst = run_eval(replace(spec, out=out / "test", ids=set(test), conditions=[baseline(), chosen], limit=None),
+    test_conds = [baseline()] + ([steered(replace(config, alpha=best), _name(best))] if best != 0 else [])
+    tst = run_eval(replace(spec, out=out / "test", ids=set(test), conditions=test_conds, limit=None),
                    progress=progress)
     result = {
         "alphas": list(alphas), "seed": seed, "calib_fraction": calib_fraction,
@@ -72,17 +82,15 @@ def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib
         "chosen_alpha": best,
         "test": {"base": tst["base"].to_dict()["accuracy"], "steered": tst[_name(best)].to_dict()["accuracy"],
                  "compare": mmau.compare(read_predictions(out / "test"),
-                                         read_predictions(out / "test" / _name(best)))},
+                                         read_predictions(out / "test" / _name(best) if best != 0 else out / "test"))},
         "data_sha256": mmau.file_sha256(spec.data), "model": spec.model, "prompt": spec.prompt,
     }
-    write_atomic(out / "sweep.json", json.dumps(result, indent=2))
+    write_json(out / "sweep.json", result)
     _plot(result, out / "sweep.png")
     return result
 
 
 def _plot(result: dict, path: Path):
-    from .plots import curve_plot
-
     alphas = result["alphas"]
     series = {}
     for task in ("overall", *mmau.TASKS):
@@ -94,23 +102,67 @@ def _plot(result: dict, path: Path):
 
 
 def build_vector(model, processor, items: Sequence[dict], audio_dir: Path, config: SteerConfig, prompt_preset: str,
-                 progress: bool = True) -> tuple[np.ndarray, int]:
-    """The mean of the per-input directions d(x) over `items` (float32), and how many items went in."""
-    import sys
-
-    from tqdm import tqdm
-
-    from .audio import audio_features, load_audio
-    from .generate import prepare
-    from .steering import Steerer
-
+                 progress: bool = True) -> tuple[np.ndarray, list[str], list[dict]]:
+    """The mean of the per-input directions d(x) over `items` (float32), the ids that went in, and
+    the items that could not be used ({id, error})."""
     st = Steerer(model, config)
-    total, n = None, 0
+    total, used, failed = None, [], []
     for item in tqdm(items, desc="direction", unit="item", file=sys.stderr, disable=not progress):
-        feats = audio_features(load_audio(audio_dir / item["audio_id"]), item["audio_id"])
-        d = np.array(st.direction(prepare(model, processor, [feats], mmau.build_prompt(item, prompt_preset))))
+        try:
+            prompt = prepare(model, processor, [Path(audio_dir) / item["audio_id"]], mmau.build_prompt(item, prompt_preset))
+        except ListenError as e:
+            failed.append({"id": item["id"], "error": str(e)})
+            continue
+        d = np.array(st.direction(prompt))
         total = d if total is None else total + d
-        n += 1
-    if not n:
-        raise ListenError("no items to build the direction from")
-    return (total / n).astype(np.float32), n
+        used.append(item["id"])
+    if not used:
+        raise ListenError("no items to build the direction from" + (f" ({len(failed)} failed, e.g. "
+                          f"{failed[0]['id']}: {failed[0]['error']})" if failed else ""))
+    return (total / len(used)).astype(np.float32), used, failed
+
+
+def vector_path(out) -> Path:
+    """Where `steer build --out X` writes: X itself if it ends in .safetensors, else X.safetensors."""
+    out = Path(out)
+    return out if out.suffix == ".safetensors" else out.with_name(out.name + ".safetensors")
+
+
+def build(headset: HeadSet, model_path, data: Path, audio_dir: Path, out, *, limit: int | None = None,
+          alpha: float = 1.0, prompt: str = mmau.DEFAULT_PRESET, progress: bool = True) -> tuple[Path, np.ndarray, dict]:
+    """`mlx-listen steer build`: the dataset-mean direction over `data`, saved with `alpha` as its
+    default strength. The output folder is checked before any model work."""
+    from .load import load
+
+    path = vector_path(out)
+    if not path.parent.is_dir():
+        raise ListenError(f"the folder of --out ({path.parent}) does not exist")
+    items = mmau.load_items(data)[:limit]
+    config = from_heads(headset)
+    model, processor = load(model_path)
+    headset.check(len(model.layers), model.config.text_config.num_attention_heads)
+    vec, used, failed = build_vector(model, processor, items, Path(audio_dir), config, prompt, progress)
+    meta = {"model": str(model_path), "layers": config.layers, "heads": [list(h) for h in config.heads],
+            "coeff": alpha, "normalize": "none", "positions": "prompt_last+generated", "source": "dataset_mean",
+            "calibration": {"data_sha256": mmau.file_sha256(data), "n_items": len(used), "prompt": prompt,
+                            "ids": used, "failed": failed}}
+    tmp = path.with_name(f".{path.name}.tmp.safetensors")
+    save_vector(tmp, vec, apply_layer=len(model.layers) - 1, hidden_size=model.config.text_config.hidden_size,
+                meta=meta)
+    tmp.replace(path)
+    return path, vec, meta
+
+
+def sweep_lines(res: dict) -> list[str]:
+    """The terminal summary of a sweep."""
+    grid = res["alphas"]
+    lines = [f"calibration split ({len(res['splits']['calibration'])} items): accuracy by alpha"]
+    for a in grid:
+        r = res["calibration"]["heads"][f"{a:g}"]
+        ctl = "  ".join(f"random#{i} {c[f'{a:g}']['overall']:.1%}" for i, c in enumerate(res["calibration"]["random"]))
+        lines.append(f"  alpha {a:>5g}: {r['overall']:.1%}  {ctl}")
+    t, c = res["test"], res["test"]["compare"]["overall"]
+    lines.append(f"chosen alpha {res['chosen_alpha']:g}; test split ({len(res['splits']['test'])} items): "
+                 f"base {t['base']['overall']:.1%} -> steered {t['steered']['overall']:.1%} "
+                 f"(flips +{c['wrong_to_right']} / -{c['right_to_wrong']}, McNemar p {c['p_mcnemar']:.3g})")
+    return lines

@@ -20,7 +20,8 @@ from conftest import SR, invoke, ok, tone
 
 from mlx_listen import __version__
 from mlx_listen.audio import load_audio
-from mlx_listen.generate import generate, prepare
+from mlx_listen.generate import generate
+from mlx_listen.prompt import prepare
 
 BAR = "=" * 10
 QUESTION = "What is this sound?"

@@ -4,7 +4,7 @@ Outputs and their agreement with the scorer, `--limit` / `--task` / `--prompt`, 
 clean stop, a half-written line, a corrupt line and a real SIGKILL, missing or unreadable audio,
 `eval score` (also against another answer key), `eval compare`, and two ranks under `mlx.launch`.
 
-The tiny model answers gibberish, so most in-process runs wrap the real greedy baseline in
+The tiny model answers gibberish, so most in-process runs wrap the real `conditions.Answerer` in
 `Script`: the model runs as usual (real prefill, decode and timings), then the answer text is
 replaced by one fixed per item position, which makes the expected accuracy known:
 position % 3 == 0 -> the right choice in <answer> tags, 1 -> a wrong choice in tags, 2 -> the
@@ -80,7 +80,7 @@ def eval_args(demo, model, out, *extra, max_tokens=MAX_TOKENS):
 
 
 class Script:
-    """Patches `evaluate.baseline` (see the module docstring) and counts the model's answers."""
+    """Patches the runner's `Answerer` (see the module docstring) and counts the model's answers."""
 
     def __init__(self, items, rewrite=True):
         self.position = {it["id"]: i for i, it in enumerate(items)}
@@ -90,27 +90,22 @@ class Script:
 
     def install(self, mp):
         build = mmau.build_prompt
-        real = evaluate.baseline
+        script = self
 
         def build_prompt(item, preset=mmau.DEFAULT_PRESET):
             self.current = item  # run_eval builds each item's prompt just before answering it
             return build(item, preset)
 
-        def baseline():
-            cond = real()
-            inner = cond.answer
-
-            def answer(model, processor, prompt, max_tokens):
-                ans = inner(model, processor, prompt, max_tokens)
-                item = self.current
-                self.calls.append(item["id"])
-                text = self.text(item, ans.text) if self.rewrite else ans.text
-                return dataclasses.replace(ans, text=text)
-
-            return evaluate.Condition(cond.name, answer, cond.settings)
+        class Answerer(evaluate.Answerer):
+            def __call__(self, prompt, only=None):
+                answers = super().__call__(prompt, only)
+                item = script.current
+                script.calls.append(item["id"])
+                return {k: dataclasses.replace(a, text=script.text(item, a.text) if script.rewrite else a.text)
+                        for k, a in answers.items()}
 
         mp.setattr(mmau, "build_prompt", build_prompt)
-        mp.setattr(evaluate, "baseline", baseline)
+        mp.setattr(evaluate, "Answerer", Answerer)
         return self
 
     def text(self, item, raw):
@@ -143,7 +138,7 @@ def full_run(demo, tiny_gqa, tmp_path_factory):
 def test_eval_writes_predictions_summary_and_table(demo, tiny_gqa, full_run):
     _, data, items = demo
     out, res, s = full_run
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.json", "predictions.jsonl", "run.json",
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["predictions.json", "predictions.jsonl", "run.json",
                                                        "summary.json"]
     assert s.calls == [it["id"] for it in items]  # the model answered every item once, in data order
 
@@ -156,8 +151,9 @@ def test_eval_writes_predictions_summary_and_table(demo, tiny_gqa, full_run):
         assert r["model_prediction"] == r["model_output"]
         assert r["audio_tokens"] > 0 and r["prompt_tokens"] > r["audio_tokens"]
         assert 1 <= r["generation_tokens"] <= MAX_TOKENS
-        assert set(r["seconds"]) == {"audio_load", "features", "encoder", "prefill", "decode", "answer"}
+        assert set(r["seconds"]) == {"audio_load", "features", "encoder", "prefill", "silence", "decode", "batch"}
         assert all(v >= 0 for v in r["seconds"].values()) and r["seconds"]["encoder"] > 0
+        assert r["seconds"]["batch"] == 1 and r["seconds"]["silence"] == 0  # the baseline alone: no silence
         if i % 3 == 0:
             assert (r["model_output"], r["parsed"], r["correct"]) == (it["answer"], True, True)
         elif i % 3 == 1:
@@ -185,9 +181,10 @@ def test_eval_writes_predictions_summary_and_table(demo, tiny_gqa, full_run):
     assert (summary["missing_audio"], summary["n_missing_audio"]) == ([], 0)
     assert {"mlx_listen", "mlx", "mlx_lm", "python"} <= set(summary["versions"])
     timing = summary["timing"]
-    for k in ("audio_load", "features", "encoder", "prefill", "decode", "answer"):
+    keys = ("audio_load", "features", "encoder", "prefill", "silence", "decode")
+    for k in keys:
         assert timing["total_s"][k] == pytest.approx(sum(r["seconds"][k] for r in rows), abs=1e-3)
-    busy = sum(timing["total_s"][k] for k in ("audio_load", "features", "encoder", "answer"))
+    busy = sum(timing["total_s"][k] for k in keys)
     assert timing["items_per_s"] == pytest.approx(N_DEMO / busy, rel=1e-3)
 
     # summary == a re-score of predictions.json by the library == `eval score --json` on both files
@@ -223,7 +220,7 @@ def test_limit_and_task_select_items(demo, tiny_gqa, script, tmp_path):
 
 
 def test_prompt_preset_reaches_the_model_and_run_settings_cannot_mix(demo, tiny_gqa, script, tmp_path):
-    from mlx_listen.prompt import messages_for
+    from mlx_listen.chat import messages_for
 
     root, data, items = demo
     out = tmp_path / "mmau"
@@ -240,7 +237,7 @@ def test_prompt_preset_reaches_the_model_and_run_settings_cannot_mix(demo, tiny_
         assert r["prompt_tokens"] == n["mmau"] != n["r1-aqa"]
 
     # Any change of prompt, model, decoding or data refuses to add to this run, and touches nothing.
-    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    before = {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith(".")}
     other_data = tmp_path / "other.json"
     other_data.write_text(json.dumps(list(reversed(json.loads(data.read_text())))))
     for extra, what in [((), "prompt"),  # the default preset, r1-aqa
@@ -249,11 +246,23 @@ def test_prompt_preset_reaches_the_model_and_run_settings_cannot_mix(demo, tiny_
         err = one_line_error(invoke(*eval_args(demo, tiny_gqa.mlx_path, out, *extra)))
         assert f"{out} holds a run with other settings ({what} differ)" in err
     err = one_line_error(invoke(*eval_args(demo, tmp_path / "no-such-model", out, "--prompt", "mmau")))
-    assert "(model differ)" in err  # refused before trying to load the model
+    assert "not found" in err
+    # Another checkpoint converted into a folder of the same name: refused by its weight fingerprint.
+    other = tmp_path / "elsewhere" / tiny_gqa.mlx_path.name
+    shutil.copytree(tiny_gqa.mlx_path, other)
+    index = json.loads((other / "model.safetensors.index.json").read_text())
+    shard = other / sorted(set(index["weight_map"].values()))[0]
+    import mlx.core as mx
+
+    w = mx.load(str(shard))
+    w = {k: v + 1e-3 if k.endswith("q_proj.weight") else v for k, v in w.items()}
+    mx.save_safetensors(str(shard), w, metadata={"format": "mlx"})
+    err = one_line_error(invoke(*eval_args(demo, other, out, "--prompt", "mmau")))
+    assert "(model_fingerprint differ)" in err  # refused before trying to load the model
     err = one_line_error(invoke("eval", "--data", other_data, "--audio-dir", root, "--model", tiny_gqa.mlx_path,
                                 "--out", out, "--prompt", "mmau", "--max-tokens", MAX_TOKENS))
     assert "(data_sha256 differ)" in err
-    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert {f.name: f.read_bytes() for f in out.iterdir() if not f.name.startswith(".")} == before
     assert script.calls == [it["id"] for it in items[:3]]  # none of the refused runs reached the model
 
 
@@ -536,7 +545,7 @@ def test_two_ranks_under_mlx_launch(demo, tiny_gqa, script, tmp_path):
     assert "eval rank 0" in both and "eval rank 1" in both, log  # both ranks' progress bars
     assert proc.stdout.count("== base:") == 1, log  # only rank 0 reports
 
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.json", "predictions.jsonl", "run.json",
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["predictions.json", "predictions.jsonl", "run.json",
                                                        "summary.json"]  # no rank files left
     got = lines(out / "predictions.jsonl")
     rows = [json.loads(x) for x in got]

@@ -321,22 +321,26 @@ def test_headset_check_refuses_heads_outside_the_model():
 def test_mass_captured_during_generation_equals_prefill_capture(demo, tiny_gqa):
     from mlx_listen.audio import load_audio
     from mlx_listen.capture import AUDIO_MASS, PATTERN, run_with_cache
-    from mlx_listen.generate import generate, prepare
+    from mlx_listen.generate import generate
+    from mlx_listen.prompt import prepare
 
     model, processor = tiny_gqa.mlx
     root, _, items = demo
     for item in items[:3]:
         prompt = prepare(model, processor, [load_audio(root / item["audio_id"])], mmau.build_prompt(item))
         T = len(prompt.ids) - 1
-        ans, mass = H.answer_with_mass(model, processor, prompt, MAX_TOKENS)
+        from mlx_listen.conditions import Answerer, baseline
+
+        ans, mass = H.answer_with_mass(Answerer(model, processor, [baseline()], max_tokens=MAX_TOKENS,
+                                                audio_mass=True), prompt)
         assert ans.text == generate(model, processor, prompt, max_tokens=MAX_TOKENS, temp=0.0).text
-        _, cap = run_with_cache(model, prompt, [AUDIO_MASS.format("*"), PATTERN.format("*")])
+        _, cap = run_with_cache(model, prompt, [AUDIO_MASS.format("*"), PATTERN.format("*")], at=slice(0, None))
         prefill = cap.audio_mass(T)
         assert mass.shape == prefill.shape == (len(model.layers), model.config.text_config.num_attention_heads)
         assert np.abs(mass - prefill).max() < 1e-6
         # the definition, from the full pattern: row T summed over the <|AUDIO|> positions
-        pattern = np.stack([np.array(cap.cache[PATTERN.format(l)][0][0]) for l in range(len(model.layers))])
-        assert np.abs(pattern[:, :, T, prompt.audio_positions].sum(-1) - mass).max() < 1e-6
+        pattern = np.stack([np.array(cap.get(PATTERN.format(l))[0]) for l in range(len(model.layers))])  # (L, n, H, S)
+        assert np.abs(pattern[:, T][..., prompt.audio_positions].sum(-1) - mass).max() < 1e-6
         assert 0.02 < mass.min() and mass.max() < 0.98  # heads split attention: a real test
 
 
@@ -360,7 +364,7 @@ def test_heads_command_outputs(demo, tiny_gqa, heads_run, shape):
     out, res, count = heads_run
     L, Hh = shape
     assert count.n == N_DEMO
-    assert sorted(p.name for p in out.parent.iterdir()) == sorted(
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.startswith(".")) == sorted(
         ["HEADS.json", "HEADS.csv", "HEADS.scores.png", "HEADS.listening.png", "HEADS.items.jsonl",
          "HEADS.items.meta.json"])
 
@@ -473,7 +477,7 @@ def test_heads_resumes_without_recomputing(demo, tiny_gqa, heads_run, tmp_path, 
 
 def test_heads_refuses_other_settings_in_the_same_out(demo, tiny_gqa, heads_run, tmp_path, monkeypatch):
     out = copy_records(heads_run, tmp_path / "mix")
-    before = {p.name: p.read_bytes() for p in out.parent.iterdir()}
+    before = {p.name: p.read_bytes() for p in out.parent.iterdir() if not p.name.startswith(".")}
 
     def no_load(*a, **k):
         raise AssertionError("the model was loaded for a refused run")
@@ -482,7 +486,7 @@ def test_heads_refuses_other_settings_in_the_same_out(demo, tiny_gqa, heads_run,
     for extra, what in [(("--prompt", "mmau"), "prompt"), (("--max-tokens", MAX_TOKENS + 1), "max_tokens")]:
         err = one_line_error(invoke(*heads_args(demo, tiny_gqa.mlx_path, out, *extra)))
         assert f"{what} differ" in err and "use another --out" in err
-    assert {p.name: p.read_bytes() for p in out.parent.iterdir()} == before
+    assert {p.name: p.read_bytes() for p in out.parent.iterdir() if not p.name.startswith(".")} == before
 
 
 @pytest.mark.parametrize("value,word", [(False, "wrong"), (True, "right")])
@@ -510,7 +514,7 @@ def test_heads_refuses_missing_audio_and_empty_data(demo, tiny_gqa, tmp_path):
 
 def test_attention_json_and_png(demo, tiny_gqa, heads_run, tmp_path, shape):
     from mlx_listen.capture import AUDIO_MASS, run_with_cache
-    from mlx_listen.generate import prepare
+    from mlx_listen.prompt import prepare
 
     clip = demo[0] / demo[2][0]["audio_id"]
     out, png = tmp_path / "sub" / "att.json", tmp_path / "att.png"
@@ -586,7 +590,8 @@ def validate_args(demo, model, heads, out, *extra):
 
 def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch):
     from mlx_listen.audio import load_audio
-    from mlx_listen.generate import generate, prepare
+    from mlx_listen.generate import generate
+    from mlx_listen.prompt import prepare
 
     root, _, items = demo
     n = 6

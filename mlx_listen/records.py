@@ -1,0 +1,132 @@
+"""Durable records: what every resumable command (eval, heads, validate-heads, sweep, experiment)
+writes, and how a folder says which run it belongs to.
+
+- JSONL, one fsync'd line per item: a run killed at any moment resumes where it stopped; a
+  half-written last line (a kill mid-write) is dropped, any other bad line is corruption.
+- Atomic writes (temporary file, fsync, rename): a reader never sees half a file.
+- Identity: `claim(path, identity)` writes what identifies a run (model fingerprint, data hash,
+  prompt, decoding, conditions) on first use and refuses a later run with other settings.
+- A lock per run folder, so a second process on the same folder stops at once instead of doing
+  all the work again.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import ListenError
+
+
+def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
+    """Rows of a JSONL file; a partial last line (a kill mid-write) is dropped (and cut from the
+    file with `repair`). A bad line elsewhere is corruption, not a kill: refuse."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    rows, good = [], 0
+    lines = data.split(b"\n")
+    for k, line in enumerate(lines):
+        last = k == len(lines) - 1
+        if not line.strip():
+            good += len(line) + (0 if last else 1)
+            continue
+        try:
+            if last:  # no newline after it: the write did not finish
+                raise ValueError("unterminated")
+            row = json.loads(line)
+            if not isinstance(row, dict) or "id" not in row:
+                raise ValueError("not a record object")
+            rows.append(row)
+            good += len(line) + 1
+        except (ValueError, UnicodeDecodeError):
+            if not last and any(x.strip() for x in lines[k + 1:]):
+                raise ListenError(f"{path}: line {k + 1} is corrupt (not a partial last line); fix or remove it")
+            break
+    if repair and good < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return rows
+
+
+def append_jsonl(path: Path, row: dict):
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_atomic(path: Path, data: str | bytes):
+    """Write a whole file so that readers see the old one or the new one, never a part."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json(path: Path, obj):
+    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path, what: str = "file"):
+    """A JSON file written by us; a damaged one is one clear error, not a traceback."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ListenError(f"{path} is not a readable {what} ({type(e).__name__}: {e}); remove it to start over") from None
+
+
+def claim(path: Path, identity: dict, *, keys=None, extra: dict | None = None, hint: str = "--out") -> dict:
+    """Tie `path` (a run's identity file) to `identity`: written the first time; later, every key in
+    `keys` (default: all of identity) must match, else a one-line error naming what differs."""
+    path = Path(path)
+    keys = list(identity) if keys is None else list(keys)
+    if path.exists():
+        old = read_json(path, "run identity file")
+        if not isinstance(old, dict):
+            raise ListenError(f"{path} is not a run identity file; remove it to start over")
+        diff = [k for k in keys if old.get(k) != identity.get(k)]
+        if diff:
+            raise ListenError(f"{path.parent} holds a run with other settings ({', '.join(diff)} differ); "
+                              f"use another {hint}, or the same settings to resume")
+        return old
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {**identity, **(extra or {}), "created": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_json(path, record)
+    return record
+
+
+@contextmanager
+def locked(folder: Path, name: str = ".lock"):
+    """Hold an exclusive lock on `folder` for the block; a second holder is refused at once."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    f = open(folder / name, "a+")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise ListenError(f"{folder} is in use by another mlx-listen process; wait for it to finish "
+                                  "or use another output") from None
+            raise
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
