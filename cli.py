@@ -157,6 +157,31 @@ steer_options = options(
 )
 
 
+ablate_options = options(
+    click.option("--ablate", default=None, metavar="HEADS.json|L.H,...",
+                 help="Ablate these heads (a HEADS.json, or heads written layer.head, comma-separated)."),
+    click.option("--ablate-mode", default="zero", show_default=True, metavar="zero|mean|scale:F",
+                 help="Zero the heads' outputs, replace them by their calibration mean (--ablate-means), or "
+                      "scale them by F."),
+    click.option("--ablate-audio", is_flag=True,
+                 help="Instead of editing the heads' outputs, stop them attending to the audio (renormalised)."),
+    click.option("--ablate-means", type=FILE, default=None, help="Mean head outputs (`mlx-listen ablate means`)."),
+)
+
+
+def _ablation(ablate, ablate_mode, ablate_audio, ablate_means):
+    if ablate is None:
+        if ablate_audio or ablate_means or ablate_mode != "zero":
+            raise click.UsageError("--ablate-mode/--ablate-audio/--ablate-means need --ablate HEADS")
+        return None
+    from mlx_listen.ablation import from_options
+
+    try:
+        return from_options(ablate, ablate_mode, ablate_audio, ablate_means)
+    except ListenError as e:
+        raise click.BadParameter(str(e), param_hint="--ablate") from None
+
+
 def _steering(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer):
     """(SteerConfig, settings) or (None, {}) when no steering option is given."""
     if not steer_path and not vector_path:
@@ -208,8 +233,10 @@ def main():
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="With the listening score: plot it at every answer token.")
 @steer_options
+@ablate_options
 def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, system, as_json, quiet,
-        listen, heads_path, png, steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer):
+        listen, heads_path, png, steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer,
+        ablate, ablate_mode, ablate_audio, ablate_means):
     """Ask QUESTION about one or more audio CLIPs (wav, flac, ogg, mp3; any rate; any channels).
 
     \b
@@ -236,14 +263,19 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
 
     heads = HeadSet.load(heads_path or steer_path) if listen else None
     steer_cfg, _ = _steering(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer)
+    ablation = _ablation(ablate, ablate_mode, ablate_audio, ablate_means)
+    if steer_cfg and ablation:
+        raise click.UsageError("--steer/--vector and --ablate cannot be combined in one answer")
     feats = [as_features(c) for c in clips]  # bad audio fails before the model loads
     mdl, processor = load(model)
     if heads:
         heads.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
+    if ablation:
+        ablation.check(mdl)
     prompt = prepare(mdl, processor, feats, question, system)
     if not quiet:
         click.echo("=" * 10)
-    answer = run(mdl, processor, clips, question, prompt=prompt, heads=heads, steer=steer_cfg,
+    answer = run(mdl, processor, clips, question, prompt=prompt, heads=heads, steer=steer_cfg, ablate=ablation,
                  on_text=None if quiet else (lambda s: click.echo(s, nl=False)), max_tokens=max_tokens, temp=temp,
                  top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     if quiet:
@@ -261,6 +293,8 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
         if steer_cfg:
             stats.append(f"Steering: alpha {steer_cfg.alpha:g} at {steer_cfg.at}, "
                          + (f"read layers {steer_cfg.layers}" if steer_cfg.vector is None else "fixed vector"))
+        if ablation:
+            stats.append(f"Ablation: {ablation.to_json()['mode']} of heads {ablation.heads}")
         click.echo("\n".join(stats), err=True)
     if heads:
         click.echo(f"Listening: {answer.listening:.4f} (mean audio attention of {len(heads.heads)} heads at the last "
@@ -273,6 +307,8 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
             click.echo(f"[INFO] wrote {png}", err=True)
     if as_json:
         extra = {"steering": steer_cfg.to_json()} if steer_cfg else {}
+        if ablation:
+            extra["ablation"] = ablation.to_json()
         click.echo(json.dumps({**answer.to_json(), **extra}))
 
 
@@ -315,11 +351,17 @@ def parity(bundle, model, as_json):
 @TASKS
 @click.option("--skip-missing", is_flag=True, help="Go on without items whose audio file is missing or unreadable.")
 @steer_options
-@click.option("--compare", is_flag=True, help="With --steer/--vector: run the baseline and the steered model on "
-              "each item in one pass (baseline in OUT, steered in OUT/steered) and print the paired comparison.")
+@ablate_options
+@click.option("--ablate-controls", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also ablate N random head sets matched to --ablate (same heads per layer, other layers).")
+@click.option("--compare", is_flag=True, help="Also run the baseline on each item in the same pass (baseline in "
+              "OUT, every other condition in OUT/<name>) and print the paired comparisons.")
+@click.option("--listen", "listen_path", type=FILE, default=None,
+              help="HEADS.json: record the listening score at every answer token in each row.")
 @click.pass_context
 def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, skip_missing,  # noqa: A001
-         steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer, compare):
+         steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer, ablate, ablate_mode,
+         ablate_audio, ablate_means, ablate_controls, compare, listen_path):
     """Evaluate on MMAU (greedy, official scoring); rerun the same command to resume.
 
     \b
@@ -332,26 +374,42 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
     missing = [n for n, v in (("--data", data), ("--audio-dir", audio_dir), ("--out", out)) if not v]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (or use a subcommand: score, compare)")
+    from mlx_listen.ablation import condition, matched_controls
     from mlx_listen.conditions import baseline, steered
     from mlx_listen.evaluate import EvalSpec, read_predictions, run_eval
+    from mlx_listen.heads import HeadSet
+    from mlx_listen.load import model_shape
 
     steer_cfg, settings = _steering(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer)
-    if compare and not steer_cfg:
-        raise click.UsageError("--compare needs --steer HEADS.json or --vector FILE")
-    conditions = [baseline()] if not steer_cfg else [steered(steer_cfg, settings=settings)]
-    if compare:
+    ablation = _ablation(ablate, ablate_mode, ablate_audio, ablate_means)
+    if ablate_controls and not ablation:
+        raise click.UsageError("--ablate-controls needs --ablate HEADS")
+    conditions = []
+    if steer_cfg:
+        conditions.append(steered(steer_cfg, settings=settings))
+    if ablation:
+        conditions.append(condition(ablation, "ablated"))
+        n_layers, n_heads = model_shape(model)
+        conditions += [condition(c, f"ablate-random-{i + 1}")
+                       for i, c in enumerate(matched_controls(ablation, n_layers, n_heads, ablate_controls))]
+    if compare and not conditions:
+        raise click.UsageError("--compare needs a condition to compare: --steer, --vector or --ablate")
+    if compare or not conditions:
         conditions.insert(0, baseline())
+    listen_heads = list(HeadSet.load(listen_path).heads) if listen_path else []
     spec = EvalSpec(data, audio_dir, model, out, limit=limit, tasks=tasks, prompt=prompt, max_tokens=max_tokens,
-                    skip_missing=skip_missing, conditions=conditions)
+                    skip_missing=skip_missing, conditions=conditions, listen_heads=listen_heads)
     reports = run_eval(spec)
     for cond in spec.conditions:
         if cond.name in reports:
             click.echo(f"== {cond.name}: {spec.dir_for(cond)}")
             click.echo(reports[cond.name].table())
     if compare and reports:
-        a, b = spec.dir_for(conditions[0]), spec.dir_for(conditions[1])
-        res = mmau.compare(read_predictions(a), read_predictions(b))
-        click.echo("\n".join(mmau.compare_lines(res, str(a), str(b))))
+        a = spec.dir_for(conditions[0])
+        for cond in conditions[1:]:
+            b = spec.dir_for(cond)
+            res = mmau.compare(read_predictions(a), read_predictions(b))
+            click.echo("\n".join(mmau.compare_lines(res, str(a), str(b))))
 
 
 @eval.command("score")
@@ -530,6 +588,26 @@ def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction,
     res = sweep(spec, cfg, alphas, calib_fraction=calib_fraction, seed=seed, n_random=random_controls)
     click.echo("\n".join(sweep_lines(res)))
     click.echo(f"[INFO] wrote {out / 'sweep.json'} and {out / 'sweep.png'}", err=True)
+
+
+@main.group(cls=Group)
+def ablate():
+    """Head ablation helpers (the ablation itself is `--ablate` on ask and eval)."""
+
+
+@ablate.command("means")
+@data_options(max_tokens=False)
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Means file to write (.safetensors).")
+def ablate_means_cmd(model, data, audio_dir, out, limit, prompt):
+    """Every head's mean output over the calibration prompts, for `--ablate-mode mean`."""
+    from mlx_listen.ablation import means_from_data
+
+    if not out.parent.is_dir():
+        raise click.BadParameter(f"the folder {out.parent} does not exist", param_hint="--out")
+    path, meta = means_from_data(model, data, audio_dir, out, limit=limit, prompt=prompt)
+    click.echo(f"[INFO] wrote {path}: mean head outputs over {meta['n_items']} prompts ({meta['n_positions']} "
+               "positions)", err=True)
 
 
 @main.command()

@@ -15,22 +15,28 @@ from typing import Sequence
 import numpy as np
 
 from .capture import AUDIO_MASS, Capture
+from .errors import ListenError
 from .generate import Answer, generate
 from .prompt import Prompt, prepare
 from .steering import SteerConfig, Steerer
 
 
 def ask(model, processor, clips: Sequence, question: str, *, system: str | None = None, heads=None,
-        steer: SteerConfig | None = None, on_text=None, prompt: Prompt | None = None, **gen) -> Answer:
+        steer: SteerConfig | None = None, ablate=None, on_text=None, prompt: Prompt | None = None, **gen) -> Answer:
     """The answer to `question` about `clips` (paths, 16 kHz arrays or `AudioFeatures`).
 
     `heads` (a `heads.HeadSet`): also the listening score, at T (`answer.listening`) and at the
     position that chose each answer token (`answer.listening_tokens`). `steer`: answer with
-    audio–silence steering (the silence pass runs first and is never captured). `gen`: sampling
+    audio–silence steering (the silence pass runs first and is never captured). `ablate` (an
+    `ablation.Ablation`): answer with those heads ablated or masked off the audio. `gen`: sampling
     options of `generate.stream_generate` (greedy by default)."""
+    if steer is not None and ablate is not None:
+        raise ListenError("steer or ablate, not both at once (the silence pass would not see the ablation)")
     prompt = prompt or prepare(model, processor, clips, question, system)
     T = prompt.last
     with ExitStack() as stack:
+        if ablate is not None:
+            stack.enter_context(ablate.hooks(model, prompt))
         if steer is not None:
             stack.enter_context(Steerer(model, steer).applied(prompt))
         cap = None

@@ -67,14 +67,20 @@ def expand_kv(k: mx.array, n_heads: int) -> mx.array:
     return k if rep == 1 else mx.repeat(k, rep, axis=1)
 
 
-def attention_rows(q: mx.array, k: mx.array, scale: float, rows: np.ndarray, positions: np.ndarray) -> mx.array:
+def attention_rows(q: mx.array, k: mx.array, scale: float, rows: np.ndarray, positions: np.ndarray,
+                   mask=None) -> mx.array:
     """Softmax attention rows (B, H, n, S) in float32 for the call's query `rows`, which sit at
-    absolute `positions`; each sees the keys up to its own position (causal)."""
-    qr = q[:, :, mx.array(rows)] if len(rows) != q.shape[2] else q
+    absolute `positions`; each sees the keys up to its own position (causal), and an array `mask`
+    (as attention received it, e.g. heads masked off the audio) applies too."""
+    sel = mx.array(rows)
+    qr = q[:, :, sel] if len(rows) != q.shape[2] else q
     s = (qr.astype(mx.float32) @ expand_kv(k, q.shape[1]).astype(mx.float32).swapaxes(-1, -2)) * scale
     S = k.shape[2]
     if positions.min() < S - 1:  # a row before the last key: hide the future
         s = mx.where(mx.arange(S)[None] <= mx.array(positions)[:, None], s, -mx.inf)
+    if isinstance(mask, mx.array):
+        m = mask[..., sel, :] if mask.shape[-2] != 1 else mask
+        s = mx.where(m, s, -mx.inf) if m.dtype == mx.bool_ else s + m.astype(mx.float32)
     return mx.softmax(s, axis=-1)
 
 
@@ -165,8 +171,8 @@ class Capture:
             rows, pos = self.rows(point.offset, point.length)
             if not rows.size:
                 return
-            q, k = qk
-            p = attention_rows(q, k, point.scale, rows, pos)  # (B, H, n, S)
+            q, k, mask = qk
+            p = attention_rows(q, k, point.scale, rows, pos, mask)  # (B, H, n, S)
             if mass:
                 audio = self.audio_positions[self.audio_positions < k.shape[2]]
                 m = p[..., mx.array(audio)].sum(-1) if audio.size else mx.zeros(p.shape[:3])
@@ -184,7 +190,7 @@ class Capture:
 
     def _enc_pattern(self, name):
         def hook(qk, point):
-            q, k = qk
+            q, k, _ = qk  # the encoder runs unmasked over a clip's valid frames
             s = (q.astype(mx.float32) @ k.astype(mx.float32).swapaxes(-1, -2)) * point.scale
             self._keep(name, mx.softmax(s, axis=-1), np.arange(point.length))
 

@@ -41,7 +41,7 @@ class EncoderAttention(nn.Module):
         q = (self.q_proj(x) * self.scaling).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        self.hook_qk((q, k), 0, L)
+        self.hook_qk((q, k, mask), 0, L)
         o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 

@@ -3,11 +3,11 @@
 | point | value | edit |
 |---|---|---|
 | `decoder.blocks.{l}.hook_resid_pre` | block input (B, L, hidden) | yes |
-| `decoder.blocks.{l}.attn.hook_qk` | `(q, k)`: post-RoPE queries (B, heads, L, d) and every cached key (B, kv_heads, S, d) | read only |
 | `decoder.blocks.{l}.attn.hook_mask` | the mask handed to attention (`None`, `"causal"` or an array) | yes (return a mask) |
+| `decoder.blocks.{l}.attn.hook_qk` | `(q, k, mask)`: post-RoPE queries (B, heads, L, d), every cached key (B, kv_heads, S, d), the mask attention uses | read only |
 | `decoder.blocks.{l}.attn.hook_z` | per-head attention output before `o_proj` (B, L, heads, d) | yes |
 | `decoder.blocks.{l}.hook_resid_post` | block output, the residual stream (B, L, hidden) | yes |
-| `encoder.blocks.{l}.attn.hook_qk` | `(q, k)` of the audio tower (q already scaled) | read only |
+| `encoder.blocks.{l}.attn.hook_qk` | `(q, k, mask)` of the audio tower (q already scaled) | read only |
 | `encoder.blocks.{l}.hook_resid_post` | audio-tower block output (1, T, d_model) | yes |
 
 A hook is `fn(value, point) -> value | None` (None: unchanged). `point` says where it runs:

@@ -48,8 +48,8 @@ class Attention(nn.Module):
         k = self.rope(k, offset=offset)
         if cache is not None:
             k, v = cache.update_and_fetch(k, v)
-        self.hook_qk((q, k), offset, L)
         mask = self.hook_mask(mask, offset, L)
+        self.hook_qk((q, k, mask), offset, L)
         o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
         z = self.hook_z(o.transpose(0, 2, 1, 3), offset, L)  # (B, L, heads, head_dim)
         return self.o_proj(z.reshape(B, L, -1))

@@ -1,0 +1,197 @@
+"""Head ablation and audio masking against PyTorch forward hooks on the tiny models (fp32)."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import tone
+
+from mlx_listen.ablation import Ablation, head_means, load_means, parse_heads, parse_mode, save_means
+from mlx_listen.capture import AUDIO_MASS, run_with_cache
+from mlx_listen.conditions import Answerer, Condition, baseline
+from mlx_listen.errors import ListenError
+from mlx_listen.generate import generate
+from mlx_listen.prompt import prepare
+
+Q = "Describe the audio."
+HEADS = [(0, 1), (1, 0), (1, 3)]
+
+
+@pytest.fixture(scope="module")
+def hf_eager(tiny):
+    from mlx_listen.convert import reference as R
+
+    return R.load_hf(tiny.hf_path, attn="eager", device="cpu")
+
+
+def hf_last_logits_and_tokens(model, processor, clips, n_tokens):
+    import torch
+
+    from mlx_listen.convert.reference import hf_inputs
+
+    inputs = hf_inputs(processor, clips, Q)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1].float().numpy()
+        gen = model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
+    toks = gen[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = set(model.generation_config.eos_token_id or [])
+    return logits, toks[: next((i for i, t in enumerate(toks) if t in eos), len(toks))]
+
+
+def mlx_last_logits(model, prompt):
+    return np.array(run_with_cache(model, prompt, [])[0][0])
+
+
+CASES = [
+    ("zero", dict(mode="zero")),
+    ("scale", dict(mode="scale", factor=0.3)),
+    ("mean", dict(mode="mean")),
+    ("audio", dict(audio=True)),
+]
+
+
+@pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
+def test_ablation_matches_pytorch(tiny, hf_eager, name, kw):
+    from mlx_listen.convert.reference_ablation import ablated, head_means_hf
+
+    model, processor = tiny.mlx
+    hf, hp = hf_eager
+    clip = tone(2.5)
+    prompt = prepare(model, processor, [clip], Q)
+    means = None
+    if kw.get("mode") == "mean":
+        calib = [([tone(1.5, 330.0, 7)], "What is it?"), ([tone(3.0, 880.0, 8)], Q)]
+        means = head_means(model, [prepare(model, processor, c, q) for c, q in calib], layers=[0, 1])
+        ref_means = head_means_hf(hf, hp, calib, [0, 1])
+        for l in (0, 1):
+            assert np.abs(means[l] - ref_means[l]).max() <= 1e-5
+    spec = Ablation(HEADS, means=means, **kw)
+    with spec.hooks(model, prompt):
+        ours = mlx_last_logits(model, prompt)
+        ours_tokens = generate(model, processor, prompt, max_tokens=16).tokens
+    with ablated(hf, HEADS, mode=kw.get("mode", "zero"), factor=kw.get("factor", 0.0), means=means,
+                 audio_positions=prompt.audio_positions if kw.get("audio") else None):
+        ref, ref_tokens = hf_last_logits_and_tokens(hf, hp, [clip], 16)
+    assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
+    assert ours_tokens == ref_tokens
+    plain = mlx_last_logits(model, prompt)
+    assert np.abs(ours - plain).max() > 1e-3, "the ablation changed nothing: a weak test"
+    assert model.hooks.active() == []
+
+
+def test_audio_masking_removes_the_heads_audio_attention(tiny_gqa):
+    """Masked heads put exactly 0 attention on the audio (capture sees the mask attention used);
+    the other heads of a masked layer keep what they had."""
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [tone(2.0)], Q)
+    T = prompt.last
+    b = run_with_cache(model, prompt, AUDIO_MASS.format("*"))[1].audio_mass(T)
+    with Ablation([(0, 1), (0, 2)], audio=True).hooks(model, prompt):
+        a = run_with_cache(model, prompt, AUDIO_MASS.format("*"))[1].audio_mass(T)
+    assert a[0, 1] == 0 and a[0, 2] == 0 and b[0, 1] > 0.05 and b[0, 2] > 0.05
+    assert np.abs(a[0, [0, 3]] - b[0, [0, 3]]).max() <= 1e-6  # layer 0's other heads: untouched input
+    assert np.abs(a[1] - b[1]).max() > 1e-5  # later layers see the change
+
+
+def test_identity_edits_are_bit_identical(tiny_gqa):
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [tone(2.0)], Q)
+    plain = mlx_last_logits(model, prompt)
+    with Ablation(HEADS, mode="scale", factor=1.0).hooks(model, prompt):
+        same = mlx_last_logits(model, prompt)
+    assert np.array_equal(plain, same)
+
+
+def test_ablated_condition_in_an_answerer(tiny_gqa):
+    """An ablation is a condition with its own prefill, answered beside the shared baseline."""
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [tone(2.0)], Q)
+    spec = Ablation(HEADS, mode="zero")
+    got = Answerer(model, processor, [baseline(), Condition("ablate", intervene=spec.hooks,
+                                                            settings={"ablation": spec.to_json()})],
+                   max_tokens=12)(prompt)
+    with spec.hooks(model, prompt):
+        alone = generate(model, processor, prompt, max_tokens=12).tokens
+    assert got["ablate"].tokens == alone
+    assert got["base"].tokens == generate(model, processor, prompt, max_tokens=12).tokens
+
+
+def test_means_file_round_trip_and_checks(tiny_gqa, tmp_path):
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [tone(1.0)], Q)
+    means = head_means(model, [prompt])
+    path = tmp_path / "means.safetensors"
+    save_means(path, means, {"n_prompts": 1})
+    back = load_means(path)
+    assert sorted(back) == sorted(means) and all(np.array_equal(back[l], means[l]) for l in means)
+    bad = {l: v[:, :3] for l, v in means.items()}
+    with pytest.raises(ListenError, match="another model"):
+        Ablation(HEADS, mode="mean", means=bad).check(model)
+    with pytest.raises(ListenError, match="do not exist"):
+        Ablation([(9, 0)]).check(model)
+
+
+def test_parse_options(tmp_path):
+    assert parse_heads("3.7, 12.0") == [(3, 7), (12, 0)]
+    assert parse_mode("scale:0.5") == ("scale", 0.5) and parse_mode("zero") == ("zero", 0.0)
+    for bad in ("scale:nan", "scale:", "half"):
+        with pytest.raises(ListenError):
+            parse_mode(bad)
+    with pytest.raises(ListenError, match="neither"):
+        parse_heads("nope.json")
+    with pytest.raises(ListenError, match="at least one head"):
+        Ablation([])
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def test_ask_with_ablation(tiny_gqa, tmp_path):
+    import json
+
+    import soundfile as sf
+    from conftest import SR, invoke, ok
+
+    clip = tmp_path / "a.wav"
+    sf.write(clip, tone(2.0), SR)
+    r = ok(invoke("ask", clip, Q, "--model", tiny_gqa.mlx_path, "-m", 8, "--ablate", "0.1,1.0,1.3", "--json"))
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [clip], Q)
+    with Ablation(HEADS).hooks(model, prompt):
+        want = generate(model, processor, prompt, max_tokens=8).tokens
+    assert got["tokens"] == want and got["ablation"] == {"heads": [list(h) for h in HEADS], "mode": "zero"}
+    assert "Ablation: zero of heads" in r.stderr
+    for bad, why in ((["--ablate", "9.9"], "do not exist"), (["--ablate-mode", "scale:x", "--ablate", "0.1"], "scale:F"),
+                     (["--ablate-audio"], "need --ablate")):
+        res = invoke("ask", clip, Q, "--model", tiny_gqa.mlx_path, "-m", 2, *bad)
+        assert res.exit_code in (1, 2) and why in res.output and "Traceback" not in res.output, res.output
+
+
+def test_eval_ablation_conditions_and_matched_controls(tiny_gqa, tmp_path):
+    import json
+
+    from conftest import invoke, ok
+
+    from mlx_listen.demo_set import make_demo_set
+
+    demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
+    out = tmp_path / "run"
+    means = tmp_path / "means.safetensors"
+    ok(invoke("ablate", "means", "--data", demo, "--audio-dir", demo.parent, "--model", tiny_gqa.mlx_path,
+              "--limit", 3, "--out", means))
+    assert sorted(load_means(means)) == [0, 1]
+    r = ok(invoke("eval", "--data", demo, "--audio-dir", demo.parent, "--model", tiny_gqa.mlx_path, "--out", out,
+                  "-m", 3, "--limit", 4, "--ablate", "1.0,1.3", "--ablate-mode", "mean", "--ablate-means", means,
+                  "--ablate-controls", 2, "--compare"))
+    assert r.stdout.count("McNemar") == 3  # baseline vs the ablation and vs each control
+    runs = json.loads((out / "run.json").read_text())["conditions"]
+    assert list(runs) == ["base", "ablated", "ablate-random-1", "ablate-random-2"]
+    spec_heads = runs["ablated"]["ablation"]["heads"]
+    for i in (1, 2):
+        ctl = runs[f"ablate-random-{i}"]["ablation"]
+        assert ctl["mode"] == "mean" and len(ctl["heads"]) == len(spec_heads)
+        assert {l for l, _ in ctl["heads"]} == {0}  # matched: one layer, not the specialist one
+    for name in ("ablated", "ablate-random-1"):
+        rows = [json.loads(x) for x in (out / name / "predictions.jsonl").read_text().splitlines()]
+        assert len(rows) == 4 and all(r["condition"] == name for r in rows)
