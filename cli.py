@@ -590,6 +590,50 @@ def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction,
     click.echo(f"[INFO] wrote {out / 'sweep.json'} and {out / 'sweep.png'}", err=True)
 
 
+@main.command()
+@data_options()
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Experiment folder (resumable: rerun the same command to continue).")
+@TASKS
+@click.option("--folds", type=click.IntRange(min=2), default=2, show_default=True, help="Cross-fitting folds.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Folds, random head sets, permutations and bootstraps.")
+@click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Specialist heads per fold.")
+@click.option("--alphas", type=NumberList(), default="0.5,1,1.5,2,3", show_default=True,
+              help="Steering strengths to choose from, per condition, on each fold's calibration items.")
+@click.option("--random-sets", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Matched random head sets (19 or more can show p < 0.05).")
+@click.option("--center", type=click.Choice(["none", "task"]), default="none", show_default=True,
+              help="Head scores: the paper's pooled Pearson r, or within task with clip length partialled out.")
+@click.option("--n-perm", type=click.IntRange(min=20), default=200, show_default=True,
+              help="Permutations of the head-score null.")
+@click.option("--ablate/--no-ablate", "do_ablate", default=True, show_default=True,
+              help="Also test specialist-head and random-head ablation.")
+@click.option("--ablate-mode", default="zero", show_default=True, metavar="zero|scale:F|audio",
+              help="How the heads are ablated (audio: masked off the audio positions).")
+@click.option("--ablate-sets", type=click.IntRange(min=0), default=None,
+              help="Random-head ablations [default: one per random set].")
+def experiment(model, data, audio_dir, limit, prompt, max_tokens, out, tasks, folds, seed, k, alphas, random_sets,
+               center, n_perm, do_ablate, ablate_mode, ablate_sets):
+    """The paper's protocol, cross-fitted: heads and alpha fitted on other folds, reported on held-out
+    items, against matched random head sets, the dataset-mean vector and head ablation.
+
+    \b
+    mlx-listen experiment --data mmau-test-mini.json --audio-dir MMAU --out exp/qwen2-audio
+    Writes EXP/report.md (the verdict and its tables, with PNGs) and EXP/report.json.
+    """
+    from mlx_listen.experiment import Settings, run_experiment
+
+    if ablate_mode not in ("zero", "audio") and not ablate_mode.startswith("scale:"):
+        raise click.BadParameter("zero, scale:F or audio", param_hint="--ablate-mode")
+    settings = Settings(folds=folds, seed=seed, k=k, alphas=tuple(alphas), random_sets=random_sets, prompt=prompt,
+                        max_tokens=max_tokens, center=center, n_perm=n_perm, ablate=do_ablate, ablate_mode=ablate_mode,
+                        ablate_sets=ablate_sets)
+    report = run_experiment(settings, data, audio_dir, model, out, limit=limit, tasks=tasks)
+    click.echo("\n".join(report["verdict"]))
+    click.echo(f"[INFO] wrote {out / 'report.md'} and {out / 'report.json'}", err=True)
+
+
 @main.group(cls=Group)
 def ablate():
     """Head ablation helpers (the ablation itself is `--ablate` on ask and eval)."""

@@ -52,7 +52,7 @@ class Answerer:
     """Greedy answers to prompts under `conditions`, for one model (see the module docstring)."""
 
     def __init__(self, model, processor, conditions: Sequence[Condition], *, max_tokens: int = 256,
-                 listen_heads: Sequence[tuple[int, int]] = (), audio_mass: bool = False):
+                 listen_heads: Sequence[tuple[int, int]] = (), audio_mass: bool = False, silence: Silence | None = None):
         names = [c.name for c in conditions]
         if len(set(names)) != len(names):
             raise ValueError(f"condition names must be distinct: {names}")
@@ -60,7 +60,7 @@ class Answerer:
         self.conditions = list(conditions)
         self.listen_heads = list(listen_heads)
         self.audio_mass = audio_mass or bool(listen_heads)  # every head's audio mass at T, on each answer
-        self.silence = Silence(model)
+        self.silence = silence or Silence(model)  # share one across answerers: the encodings are cached per length
         self.steerers = {c.name: Steerer(model, c.steer, self.silence) for c in conditions if c.steer is not None}
         n_layers = len(model.layers)
         self._shared = [c for c in conditions if c.intervene is None
