@@ -60,6 +60,11 @@ class Finite(click.FloatRange):
 
     name = "number"
 
+    def _describe_range(self) -> str:
+        if self.min is None and self.max is None:
+            return "finite"
+        return super()._describe_range()
+
     def convert(self, value, param, ctx):
         v = super().convert(value, param, ctx)
         if not math.isfinite(v):
@@ -123,6 +128,8 @@ MAX_TOKENS = click.option("--max-tokens", "-m", type=click.IntRange(min=1), defa
                           help="Most tokens to generate.")
 PROMPT = click.option("--prompt", default=mmau.DEFAULT_PRESET, show_default=True, type=click.Choice(list(mmau.PROMPTS)),
                       help="Prompt preset (shared/design/mmau.md §7).")
+FORCE = click.option("--force", is_flag=True,
+                     help="Use a head set or vector found on another model or prompt (recorded in the outputs).")
 TASKS = click.option("--task", "tasks", type=TaskList(), default="sound,music,speech", show_default=True,
                      help="Comma-separated tasks (applied before --limit).")
 
@@ -196,6 +203,19 @@ def _steering(steer_path, vector_path, alpha, steer_at, strength, normalize, ste
                         apply_layer=steer_layer)
 
 
+def _bindings(*paths) -> list[tuple[str, dict]]:
+    """(label, meta) of each HEADS.json / vector file given, for `identity.check_binding`."""
+    from mlx_listen.heads import HeadSet
+    from mlx_listen.steering import vector_binding
+
+    out = []
+    for p in paths:
+        if p is None or not Path(p).is_file():
+            continue
+        out.append((str(p), vector_binding(p) if Path(p).suffix == ".safetensors" else HeadSet.load(p).meta or {}))
+    return out
+
+
 def _png(path: Path | None, option: str):
     if path is not None and path.suffix.lower() != ".png":
         raise click.BadParameter(f"{path} must end in .png", param_hint=option)
@@ -234,9 +254,10 @@ def main():
               help="With the listening score: plot it at every answer token.")
 @steer_options
 @ablate_options
+@FORCE
 def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, seed, system, as_json, quiet,
         listen, heads_path, png, steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer,
-        ablate, ablate_mode, ablate_audio, ablate_means):
+        ablate, ablate_mode, ablate_audio, ablate_means, force):
     """Ask QUESTION about one or more audio CLIPs (wav, flac, ogg, mp3; any rate; any channels).
 
     \b
@@ -272,6 +293,14 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
         heads.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
     if ablation:
         ablation.check(mdl)
+    if steer_cfg:  # before anything is printed
+        t = mdl.config.text_config
+        steer_cfg.validate(len(mdl.layers), t.hidden_size, t.num_attention_heads)
+    from mlx_listen.identity import check_binding
+
+    for label, meta in _bindings(heads_path, steer_path, vector_path, ablate):
+        for w in check_binding(meta, label, model=mdl, force=force):
+            warnings.warn(w, _warning_class())
     prompt = prepare(mdl, processor, feats, question, system)
     if not quiet:
         click.echo("=" * 10)
@@ -358,10 +387,11 @@ def parity(bundle, model, as_json):
               "OUT, every other condition in OUT/<name>) and print the paired comparisons.")
 @click.option("--listen", "listen_path", type=FILE, default=None,
               help="HEADS.json: record the listening score at every answer token in each row.")
+@FORCE
 @click.pass_context
 def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, skip_missing,  # noqa: A001
          steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer, ablate, ablate_mode,
-         ablate_audio, ablate_means, ablate_controls, compare, listen_path):
+         ablate_audio, ablate_means, ablate_controls, compare, listen_path, force):
     """Evaluate on MMAU (greedy, official scoring); rerun the same command to resume.
 
     \b
@@ -398,7 +428,8 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
         conditions.insert(0, baseline())
     listen_heads = list(HeadSet.load(listen_path).heads) if listen_path else []
     spec = EvalSpec(data, audio_dir, model, out, limit=limit, tasks=tasks, prompt=prompt, max_tokens=max_tokens,
-                    skip_missing=skip_missing, conditions=conditions, listen_heads=listen_heads)
+                    skip_missing=skip_missing, conditions=conditions, listen_heads=listen_heads,
+                    bindings=_bindings(steer_path, vector_path, listen_path, ablate), force=force)
     reports = run_eval(spec)
     for cond in spec.conditions:
         if cond.name in reports:
@@ -493,8 +524,12 @@ def attention(clip, question, model, json_out, heads_path, png, system):
 @click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path), help="HEADS.json to write.")
 @click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Heads to select.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
-              help="Seed of the random-head control in the plots.")
-def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens):
+              help="Seed of the permutation null, the bootstrap and the random-head control in the plots.")
+@click.option("--center", type=click.Choice(["none", "task"]), default="none", show_default=True,
+              help="Head scores: the paper's pooled Pearson r, or within task with clip length partialled out.")
+@click.option("--n-perm", type=click.IntRange(min=20), default=200, show_default=True,
+              help="Permutations of the head-score null.")
+def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens, center, n_perm):
     """Find the audio-specialist heads on a calibration set (resumable; rerun to continue).
 
     Writes HEADS.json, HEADS.csv (every head's score), HEADS.scores.png, HEADS.listening.png and
@@ -504,11 +539,18 @@ def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens):
 
     if not out.parent.is_dir():
         raise click.BadParameter(f"the folder {out.parent} does not exist", param_hint="--out")
-    hs, rows = discover(model, data, audio_dir, out, k=k, limit=limit, seed=seed, prompt=prompt, max_tokens=max_tokens)
+    hs, rows = discover(model, data, audio_dir, out, k=k, limit=limit, seed=seed, prompt=prompt, max_tokens=max_tokens,
+                        center=center, n_perm=n_perm)
     good, failed = usable(rows)
-    click.echo(f"{len(good)} items, accuracy {hs.meta['accuracy']:.1%}; top {len(hs.heads)} heads (layer, head, r):")
-    for l, h in hs.heads:
-        click.echo(f"  {l:>3} {h:>3}  {hs.scores[l, h]:+.3f}")
+    null, freq = hs.meta["null"], hs.meta["stability"]["frequency"]
+    click.echo(f"{len(good)} items, accuracy {hs.meta['accuracy']:.1%}; top {len(hs.heads)} heads "
+               f"(layer, head, r, bootstrap frequency in the top {k}):")
+    for (l, h), fr, q in zip(hs.heads, freq, null["rank_q95"]):
+        click.echo(f"  {l:>3} {h:>3}  {hs.scores[l, h]:+.3f}  {fr:.2f}" + ("" if hs.scores[l, h] > q else
+                                                                           "  (within the null's 95% at this rank)"))
+    click.echo(f"permutation null ({null['n_perm']} shuffles within task): {null['n_beating_null']} heads above the "
+               f"family-wise 5% threshold r = {null['fwer_threshold']:.3f}; set p = {null['p_set']:.3g}; overlap with "
+               f"center={hs.meta['other_center']['center']}: Jaccard {hs.meta['other_center']['jaccard']:.2f}")
     if failed:
         click.echo(f"[WARNING] {len(failed)} items could not be used (see {out.stem}.items.jsonl), e.g. "
                    f"{failed[0]['id']}: {failed[0]['error']}", err=True)
@@ -522,12 +564,13 @@ def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens):
               help="Report folder (resumable).")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Bootstrap and random-control seed.")
-def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt, max_tokens):
+@FORCE
+def validate_heads(heads_path, model, data, audio_dir, out, limit, seed, prompt, max_tokens, force):
     """Does the listening score rise when the audio changes the answer? (audio vs equal-length silence)"""
     from mlx_listen.heads import HeadSet, validate_run, validation_lines
 
     rep = validate_run(HeadSet.load(heads_path), model, data, audio_dir, out, limit=limit, seed=seed, prompt=prompt,
-                       max_tokens=max_tokens)
+                       max_tokens=max_tokens, force=force)
     click.echo("\n".join(validation_lines(rep)))
     click.echo(f"[INFO] wrote {out / 'validation.json'} and {out / 'validation.png'}", err=True)
 
@@ -544,7 +587,8 @@ def steer():
               help="Vector file (.safetensors is added if missing).")
 @click.option("--alpha", type=Finite(), default=1.0, show_default=True,
               help="Default strength stored with the vector (what `--vector` uses without --alpha).")
-def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt):
+@FORCE
+def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt, force):
     """A fixed direction: the mean of the per-input audio-silence directions over calibration items."""
     import numpy as np
 
@@ -552,7 +596,7 @@ def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt):
     from mlx_listen.sweep import build
 
     path, vec, meta = build(HeadSet.load(heads_path), model, data, audio_dir, out, limit=limit, alpha=alpha,
-                            prompt=prompt)
+                            prompt=prompt, force=force)
     failed = meta["calibration"]["failed"]
     if failed:
         click.echo(f"[WARNING] {len(failed)} items could not be used, e.g. {failed[0]['id']}: {failed[0]['error']}",
@@ -575,8 +619,9 @@ def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt):
               help="Random-head control sets (same K) swept alongside.")
 @TASKS
 @click.option("--steer-at", type=click.Choice(["all", "prompt"]), default="all", show_default=True)
+@FORCE
 def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction, seed, random_controls, limit, tasks,
-                prompt, max_tokens, steer_at):
+                prompt, max_tokens, steer_at, force):
     """Accuracy vs alpha on a calibration split; the best alpha applied to the disjoint test split."""
     from mlx_listen.evaluate import EvalSpec
     from mlx_listen.heads import HeadSet
@@ -584,10 +629,47 @@ def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction,
     from mlx_listen.sweep import sweep, sweep_lines
 
     cfg = from_heads(HeadSet.load(heads_path), at=steer_at)
-    spec = EvalSpec(data, audio_dir, model, out, limit=limit, tasks=tasks, prompt=prompt, max_tokens=max_tokens)
+    spec = EvalSpec(data, audio_dir, model, out, limit=limit, tasks=tasks, prompt=prompt, max_tokens=max_tokens,
+                    bindings=_bindings(heads_path), force=force)
     res = sweep(spec, cfg, alphas, calib_fraction=calib_fraction, seed=seed, n_random=random_controls)
     click.echo("\n".join(sweep_lines(res)))
     click.echo(f"[INFO] wrote {out / 'sweep.json'} and {out / 'sweep.png'}", err=True)
+
+
+@steer.command("inspect")
+@click.argument("source", type=FILE, metavar="HEADS.json|VECTOR")
+@data_options(required=False, max_tokens=False)
+@TASKS
+@click.option("--top-k", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Tokens listed per lens, promoted and demoted.")
+@click.option("--alpha", type=Finite(), default=None,
+              help="Strength of the exact lens (default: 1, or the vector file's stored strength).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder for inspect.json, inspect.txt and the PNGs.")
+@click.option("--show", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Tokens printed per lens in the summary.")
+def steer_inspect(source, model, data, audio_dir, limit, prompt, tasks, top_k, alpha, out, show):
+    """The logit lens of a steering direction: the tokens it promotes and demotes through the final
+    norm and lm_head, and, with --data, the audio-silence contrast at every layer and the direction's
+    cosine consistency across items and tasks.
+
+    \b
+    mlx-listen steer inspect runs/heads/HEADS.json --data mmau.json --audio-dir audio --out runs/inspect
+    mlx-listen steer inspect runs/vector.safetensors
+    """
+    from mlx_listen.lens import inspect, inspect_lines
+
+    if (data is None) != (audio_dir is None):
+        raise click.UsageError("--data and --audio-dir go together")
+    res = inspect(source, model, data, audio_dir, out, limit=limit, tasks=tasks, prompt=prompt, top_k=top_k,
+                  alpha=alpha)
+    failed = (res.get("data") or {}).get("failed") or []
+    if failed:
+        click.echo(f"[WARNING] {len(failed)} items could not be used, e.g. {failed[0]['id']}: {failed[0]['error']}",
+                   err=True)
+    click.echo("\n".join(inspect_lines(res, show)))
+    if out is not None:
+        click.echo(f"[INFO] wrote {', '.join(str(Path(out) / f) for f in res['files'])}", err=True)
 
 
 @main.command()

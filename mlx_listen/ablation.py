@@ -156,7 +156,7 @@ def parse_mode(mode: str) -> tuple[str, float]:
 
 def head_means(model, prompts: Sequence, layers: Sequence[int] | None = None) -> dict[int, np.ndarray]:
     """Each head's mean output (hook_z) over every position of `prompts`: {layer: (heads, head_dim)}."""
-    from .capture import Z, Capture
+    from .capture import Capture, Z
 
     layers = list(range(len(model.layers))) if layers is None else sorted(set(layers))
     total = {l: None for l in layers}

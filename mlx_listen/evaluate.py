@@ -34,6 +34,7 @@ from . import __version__, mmau
 from .audio import audio_features, load_audio
 from .conditions import Answerer, Condition, baseline
 from .errors import AudioWarning, ListenError, ListenWarning
+from .identity import check_binding
 from .load import load, resolve, weights_fingerprint
 from .prompt import prepare
 from .records import append_jsonl, claim, locked, read_jsonl, write_atomic, write_json
@@ -55,6 +56,9 @@ class EvalSpec:
     conditions: list[Condition] = field(default_factory=lambda: [baseline()])
     ids: set[str] | None = None  # only these items (e.g. one fold of an experiment)
     listen_heads: list[tuple[int, int]] = field(default_factory=list)  # record the listening score per token
+    bindings: list[tuple[str, dict]] = field(default_factory=list)  # (label, meta) of head sets / vectors used
+    force: bool = False  # use a head set or vector bound to another model or prompt (recorded)
+    warnings: list[str] = field(default_factory=list, repr=False)  # what the run found to warn about
 
     def dir_for(self, cond: Condition) -> Path:
         """The first condition writes to the run folder itself, the others to a subfolder each."""
@@ -97,7 +101,7 @@ def identity(spec: EvalSpec, fingerprint: str) -> dict:
     return {"model_fingerprint": fingerprint, "prompt": mmau.ALIASES.get(spec.prompt, spec.prompt),
             "max_tokens": spec.max_tokens, "data_sha256": mmau.file_sha256(spec.data),
             "conditions": {c.name: c.describe() for c in spec.conditions},
-            "listen_heads": [list(h) for h in spec.listen_heads]}
+            "listen_heads": [list(h) for h in spec.listen_heads], "forced": spec.force}
 
 
 def done_ids(cdir: Path, repair: bool) -> set[str]:
@@ -156,6 +160,10 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
         raise ListenError(f"{n_items} of {len(items)} items have missing or unreadable audio under "
                           f"{spec.audio_dir}:\n  {shown}\nPass --skip-missing to evaluate without them.")
     items = [it for it in items if it["audio_id"] not in set(missing)]
+    for label, meta in spec.bindings:  # prompt and item overlap now; the model once it is loaded
+        spec.warnings += check_binding(meta, label, prompt=spec.prompt, ids=[it["id"] for it in items], force=spec.force)
+    for w in spec.warnings:
+        warnings.warn(w, ListenWarning, stacklevel=2)
     fingerprint = weights_fingerprint(resolve(spec.model))
     with locked(spec.out, ".lock" if rank == 0 else f".lock.rank{rank}"):
         if rank == 0:
@@ -182,6 +190,11 @@ def _answer_items(spec: EvalSpec, items: list[dict], rank: int, size: int, progr
         return
     model, processor = load(spec.model)
     answer = Answerer(model, processor, spec.conditions, max_tokens=spec.max_tokens, listen_heads=spec.listen_heads)
+    for label, meta in spec.bindings:  # after the conditions were checked against the model
+        found = check_binding(meta, label, model=model, force=spec.force)
+        for w in found:
+            warnings.warn(w, ListenWarning, stacklevel=2)
+        spec.warnings += found
     suffix = f".rank{rank}" if size > 1 else ""
     rank_tag = rank
     for item in tqdm(mine, desc=f"eval{' rank %d' % rank if size > 1 else ''}", unit="item", file=sys.stderr,
@@ -243,7 +256,7 @@ def finish(spec: EvalSpec, cond: Condition, items: list[dict], missing: list[str
         "data": str(spec.data), "data_sha256": mmau.file_sha256(spec.data),
         "tasks": list(spec.tasks), "limit": spec.limit,
         "missing_audio": missing, "n_missing_audio": len(missing),
-        "failed": failed, "n_failed": len(failed),
+        "failed": failed, "n_failed": len(failed), "warnings": spec.warnings,
         "official_json_note": f"{OFFICIAL_FILE} holds the {len(answered)} answered items"
                               + (f"; the {len(failed)} failed items are left out (see 'failed')" if failed else ""),
         "truncated_clips": sum(1 for r in answered if r.get("audio_truncated")),
@@ -293,14 +306,19 @@ def read_predictions(path: Path) -> list[dict]:
             rows = json.loads(text)
         except json.JSONDecodeError as e:
             raise ListenError(f"{path} is not valid JSON ({e})") from None
-        if not all(isinstance(r, dict) for r in rows):
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
             raise ListenError(f"{path}: expected a JSON array of prediction objects")
+        if not rows:
+            raise ListenError(f"{path} holds no predictions (an empty JSON array)")
         return rows
     if not text:
         raise ListenError(f"{path} is empty")
     if not text.startswith("{"):
         raise ListenError(f"{path} is not a predictions file (neither our JSONL nor the official JSON array)")
-    return read_jsonl(path)
+    rows = read_jsonl(path)
+    if not rows:
+        raise ListenError(f"{path} holds no predictions")
+    return rows
 
 
 def rekey(rows: list[dict], key_file: Path) -> tuple[list[dict], int]:

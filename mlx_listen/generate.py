@@ -53,6 +53,8 @@ def stream_generate(
     max_tokens = min(max_tokens, limit - len(prompt.ids))
     if seed is not None:
         mx.random.seed(seed)
+    if top_k >= model.config.text_config.vocab_size:  # keeping every token is no top-k at all
+        top_k = 0
     sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
     yield from mlx_lm_stream_generate(

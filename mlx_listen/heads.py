@@ -19,6 +19,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -26,11 +27,12 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import mmau
+from . import mmau, stats
 from .capture import AUDIO_MASS, run_with_cache
 from .conditions import Answerer, baseline
-from .errors import ListenError
-from .load import load, resolve, weights_fingerprint
+from .errors import ListenError, ListenWarning
+from .identity import check_binding, model_signature
+from .load import load, model_shape, resolve, weights_fingerprint
 from .plots import heatmap, listening_plot, score_heatmap
 from .prompt import prepare
 from .records import append_jsonl, claim, locked, read_jsonl, write_json
@@ -93,34 +95,20 @@ def _read_scores(path, raw) -> np.ndarray:
     except (ValueError, TypeError, AttributeError) as e:
         raise ListenError(f"{path}: its 'scores' are damaged ({e})") from None
     L, H = 1 + max(l for l, _ in cells), 1 + max(h for _, h in cells)
+    if L * H != len(cells):  # HEADS.json holds the dense grid it was written with
+        raise ListenError(f"{path}: its 'scores' are damaged ({len(cells)} entries for a {L} x {H} grid)")
     scores = np.zeros((L, H))
     for (l, h), v in cells.items():
         scores[l, h] = v
     return scores
 
 
-def head_scores(mass: np.ndarray, correct: np.ndarray) -> np.ndarray:
-    """Pearson r per head between audio mass (N, layers, heads) and correctness (N,); constant heads get 0."""
-    c = np.asarray(correct, np.float64)
-    if not c.size:
-        raise ListenError("no calibration items: head scores need labelled items with both outcomes")
-    if c.min() == c.max():
-        raise ListenError(f"every calibration item is {'right' if c[0] else 'wrong'}: the correlation with "
-                          "correctness is undefined; use a calibration set with both outcomes")
-    a = np.asarray(mass, np.float64)
-    ac, cc = a - a.mean(0), c - c.mean()
-    den = np.sqrt((ac**2).sum(0) * (cc**2).sum())
-    with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.tensordot(cc, ac, axes=(0, 0)) / den
-    constant = a.max(0) == a.min(0)  # exactly: float noise in the mean must not leave a tiny r
-    return np.where((den > 1e-12) & ~constant, r, 0.0)
+head_scores = stats.head_scores  # pooled Pearson r per head (or within task: stats.head_scores(center="task"))
 
 
 def top_heads(scores: np.ndarray, k: int) -> list[tuple[int, int]]:
-    """The k highest-r heads, best first; ties broken by (layer, head) so the order is deterministic."""
-    L, H = scores.shape
-    order = sorted(((-scores[l, h], l, h) for l in range(L) for h in range(H)))
-    return [(l, h) for _, l, h in order[:k]]
+    """The k highest-r heads, best first; ties broken by (layer, head); k above the head count refused."""
+    return [tuple(h) for h in stats.top_k(scores, k).heads]
 
 
 def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
@@ -171,19 +159,46 @@ def usable(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "error" not in r], [r for r in rows if "error" in r]
 
 
-def find_heads(rows: list[dict], k: int, meta: dict) -> HeadSet:
+def find_heads(rows: list[dict], k: int, meta: dict, *, center: str = "none", n_perm: int = 200, n_boot: int = 200,
+               seed: int = 0) -> HeadSet:
+    """The top-k heads of the calibration records, with what a reader needs to trust them: a
+    permutation null for the top-k r (correctness shuffled within task), bootstrap stability, and
+    the overlap with the head set of the other centering (pooled Pearson vs within task with the
+    clip length partialled out)."""
     rows, _ = usable(rows)
     if not rows:
         raise ListenError("no calibration items: head scores need labelled items with both outcomes")
     mass = np.array([r["audio_mass"] for r in rows], np.float64)
     correct = np.array([r["correct"] for r in rows], bool)
-    scores = head_scores(mass, correct)
-    k = min(k, scores.size)
-    heads = top_heads(scores, k)
+    tasks = [r["task"] for r in rows] if all("task" in r for r in rows) else None
+    cov = stats.length_covariate([r["audio_tokens"] for r in rows]) if all("audio_tokens" in r for r in rows) else None
+    if center == "task" and tasks is None:
+        raise ListenError("center 'task' needs each record's task")
+
+    def kw(c):
+        return dict(center=c, tasks=tasks, covariates=cov if c == "task" else None)
+
+    scores = stats.head_scores(mass, correct, **kw(center))
+    top = stats.top_k(scores, k)
+    heads = [tuple(h) for h in top.heads]
+    if top.nonpositive:
+        warnings.warn(f"{len(top.nonpositive)} of the top {k} heads have r <= 0 ({top.nonpositive[:3]}…): fewer than "
+                      f"{k} heads track correctness at all", ListenWarning, stacklevel=2)
+    null = stats.permutation_null(mass, correct, k=k, n_perm=n_perm, seed=seed, **kw(center))
+    freq = stats.bootstrap_stability(mass, correct, k=k, n_boot=n_boot, seed=seed, **kw(center))
+    other = "task" if center == "none" else "none"
+    other_heads = stats.top_k(stats.head_scores(mass, correct, **kw(other)), k).heads if tasks is not None else []
     listening_mean = float(np.mean([HeadSet(heads).listening(m) for m in mass]))  # L̄, for strength scaling
-    return HeadSet(heads, scores, {**meta, "n_items": len(rows), "accuracy": float(correct.mean()),
-                                   "listening_mean": listening_mean, "criterion": "correctness (Pearson r)",
-                                   "query": "last prompt token", "audio_span": "<|AUDIO|> positions", "mass": "sum"})
+    return HeadSet(heads, scores, {
+        **meta, "n_items": len(rows), "accuracy": float(correct.mean()), "listening_mean": listening_mean,
+        "criterion": "correctness", "center": center,
+        "score": "Pearson r" if center == "none" else "partial r within task, log clip length partialled out",
+        "query": "last prompt token", "audio_span": "<|AUDIO|> positions", "mass": "sum",
+        "calibration_ids": [r["id"] for r in rows if "id" in r],
+        "null": {k_: v for k_, v in null.items() if k_ != "null_topk"},
+        "stability": {"frequency": [float(freq[l, h]) for l, h in heads], "n_boot": n_boot},
+        "other_center": {"center": other, "heads": [list(h) for h in other_heads],
+                         **stats.set_overlap(heads, other_heads)}})
 
 
 def write_side_files(headset: HeadSet, rows: list[dict], out: Path, seed: int):
@@ -206,7 +221,7 @@ def write_side_files(headset: HeadSet, rows: list[dict], out: Path, seed: int):
 def plot_listening_split(headset: HeadSet, mass: np.ndarray, flag: np.ndarray, labels: tuple[str, str], path: Path,
                          seed: int):
     """L(x) of the items where `flag` holds against the rest, for the heads and a random-head control."""
-    rand = HeadSet(random_heads(*mass.shape[1:], len(headset.heads), seed))
+    rand = HeadSet(control_sets(headset.heads, *mass.shape[1:], 1, seed)[0])
     groups = {}
     for name, hs in (("selected heads", headset), ("random heads (control)", rand)):
         L = np.array([hs.listening(m) for m in mass])
@@ -215,24 +230,6 @@ def plot_listening_split(headset: HeadSet, mass: np.ndarray, flag: np.ndarray, l
 
 
 # -- validation: does L rise when the audio matters? -------------------------------------------
-
-def auc(pos: np.ndarray, neg: np.ndarray) -> float:
-    """ROC AUC of a score for pos vs neg (Mann-Whitney U / (n_pos n_neg), ties count half)."""
-    pos, neg = np.asarray(pos, float), np.asarray(neg, float)
-    if not pos.size or not neg.size:
-        return float("nan")
-    diff = pos[:, None] - neg[None, :]
-    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
-
-
-def bootstrap_diff(a: np.ndarray, b: np.ndarray, seed: int = 0, n: int = 2000) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of mean(a) - mean(b)."""
-    if not len(a) or not len(b):
-        return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    d = [rng.choice(a, len(a)).mean() - rng.choice(b, len(b)).mean() for _ in range(n)]
-    return float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))
-
 
 def validation_records(model, processor, items, audio_dir: Path, records: Path, prompt_preset: str,
                        max_tokens: int, progress: bool = True) -> list[dict]:
@@ -251,7 +248,10 @@ def validation_records(model, processor, items, audio_dir: Path, records: Path, 
             sil = answer(answer.silence.prompt(prompt))["base"]
             a, _ = mmau.extract_answer(ans.text)
             s, _ = mmau.extract_answer(sil.text)
-            row = {"id": item["id"], "task": item["task"], "answer_audio": a, "answer_silence": s, "changed": a != s,
+            ca, cs = mmau.matched_choice(a, item["choices"]), mmau.matched_choice(s, item["choices"])
+            row = {"id": item["id"], "task": item["task"], "answer_audio": a, "answer_silence": s,
+                   "choice_audio": ca, "choice_silence": cs,
+                   "changed": None if ca is None or cs is None else ca != cs,
                    "correct": mmau.string_match(item["answer"], a, item["choices"]),
                    "audio_mass": np.round(mass.astype(np.float64), 7).tolist()}
         append_jsonl(records, row)
@@ -259,34 +259,57 @@ def validation_records(model, processor, items, audio_dir: Path, records: Path, 
     return [done[it["id"]] for it in items if it["id"] in done]
 
 
-def validate(headset: HeadSet, rows: list[dict], seed: int = 0, n_random: int = 5) -> dict:
-    """L(x) for items whose answer the audio changed vs not, for the heads and the random control.
+def changed_category(row: dict) -> str:
+    """Did the audio change the answer? By the option the official matcher reads in each answer;
+    an answer that picks no option (or several) is its own category, never "changed"."""
+    if "choice_audio" not in row:
+        raise ListenError("validation records made by an older mlx-listen (no chosen options); use another --out")
+    a, s = row["choice_audio"], row["choice_silence"]
+    return "unparsable" if a is None or s is None else ("changed" if a != s else "unchanged")
 
-    Values that are undefined (a group with no items) are None, so the report is strict JSON."""
+
+def validate(headset: HeadSet, rows: list[dict], seed: int = 0, n_random: int = 10, min_group: int = 10) -> dict:
+    """L(x) for items whose chosen option the audio changed (audio vs equal-length silence) against
+    those it did not: AUC and mean difference with bootstrap CIs (groups under `min_group` items are
+    reported as too small), and the same AUC for matched random head sets.
+
+    Values that are undefined are None, so the report is strict JSON."""
     rows, _ = usable(rows)
     if not rows:
         raise ListenError("no validation items")
     mass = np.array([r["audio_mass"] for r in rows], np.float64)
-    changed = np.array([r["changed"] for r in rows], bool)
+    cat = np.array([changed_category(r) for r in rows])
+    ch, un = cat == "changed", cat == "unchanged"
 
     def summary(hs: HeadSet, boot_seed: int) -> dict:
         L = np.array([hs.listening(m) for m in mass])
-        a, b = L[changed], L[~changed]
-        both = bool(a.size and b.size)
-        return {"heads": [list(h) for h in hs.heads],
-                "mean_changed": float(a.mean()) if a.size else None,
-                "mean_unchanged": float(b.mean()) if b.size else None,
-                "difference": float(a.mean() - b.mean()) if both else None,
-                "difference_ci95": list(bootstrap_diff(a, b, boot_seed)) if both else None,
-                "auc": auc(a, b) if both else None}
+        a = stats.auc_ci(L[ch], L[un], seed=boot_seed, min_group=min_group)
+        d = stats.mean_diff_ci(L[ch], L[un], seed=boot_seed, min_group=min_group)
+        return {"heads": [list(h) for h in hs.heads], "mean_changed": d["mean_a"], "mean_unchanged": d["mean_b"],
+                "difference": d["difference"], "difference_ci95": d["ci95"], "auc": a["auc"], "auc_ci95": a["ci95"],
+                "too_small": a["too_small"]}
 
     L_, H_ = mass.shape[1:]
-    controls = [summary(HeadSet(random_heads(L_, H_, len(headset.heads), seed + i)), seed + i) for i in range(n_random)]
+    controls = [summary(HeadSet(c), seed + 1 + i) for i, c in enumerate(control_sets(headset.heads, L_, H_, n_random, seed))]
     aucs = [c["auc"] for c in controls if c["auc"] is not None]
-    return {"n": len(rows), "n_changed": int(changed.sum()), "n_unchanged": int((~changed).sum()),
-            "heads": summary(headset, seed), "random_control": controls,
+    spec = summary(headset, seed)
+    return {"n": len(rows), "n_changed": int(ch.sum()), "n_unchanged": int(un.sum()),
+            "n_unparsable": int((cat == "unparsable").sum()),
+            "definition": "changed: the option the official matcher reads differs between the audio and the silence "
+                          "answer; unparsable: either answer picks no option (left out)",
+            "heads": spec, "random_control": controls,
             "random_auc_mean": float(np.mean(aucs)) if aucs else None,
-            "random_auc_sd": float(np.std(aucs)) if aucs else None}
+            "random_auc_sd": float(np.std(aucs)) if aucs else None,
+            "auc_vs_random": stats.compare_to_controls(spec["auc"], aucs) if aucs and spec["auc"] is not None else None}
+
+
+def control_sets(heads, n_layers: int, n_heads: int, n: int, seed: int) -> list[list[tuple[int, int]]]:
+    """Matched random head sets (same heads per layer, other layers); uniform random sets of the same
+    size when no matched set exists (e.g. the heads span every layer)."""
+    try:
+        return stats.matched_random_sets(heads, n_layers, n_heads, n_sets=n, seed=seed)
+    except ListenError:
+        return [random_heads(n_layers, n_heads, len(heads), seed + i) for i in range(n)]
 
 
 # -- the commands' work (the CLI only formats) ------------------------------------------------
@@ -301,49 +324,62 @@ def calibration_items(data: Path, audio_dir: Path, limit: int | None) -> list[di
 
 
 def _identity(model_path, data: Path, prompt: str, max_tokens: int) -> dict:
-    return {"model_fingerprint": weights_fingerprint(resolve(model_path)), "data": mmau.file_sha256(data),
+    return {"model_fingerprint": weights_fingerprint(resolve(model_path)), "data_sha256": mmau.file_sha256(data),
             "prompt": prompt, "max_tokens": max_tokens}
 
 
 def discover(model_path, data: Path, audio_dir: Path, out: Path, *, k: int = 20, limit: int | None = None,
-             seed: int = 0, prompt: str = mmau.DEFAULT_PRESET, max_tokens: int = 256,
-             progress: bool = True) -> tuple[HeadSet, list[dict]]:
-    """`mlx-listen heads`: the calibration pass (resumable, next to `out`), the top-k heads, and
-    HEADS.json with its CSV and plots. Returns the head set and the per-item records."""
+             seed: int = 0, prompt: str = mmau.DEFAULT_PRESET, max_tokens: int = 256, center: str = "none",
+             n_perm: int = 200, n_boot: int = 200, progress: bool = True) -> tuple[HeadSet, list[dict]]:
+    """`mlx-listen heads`: the calibration pass (resumable, next to `out`), the top-k heads with
+    their null and stability, and HEADS.json with its CSV and plots. HEADS.json records what it
+    is bound to: the model's signature, the prompt preset, the data's sha256 and the calibration
+    item ids. Returns the head set and the per-item records."""
     out = Path(out)
     items = calibration_items(data, audio_dir, limit)
+    n_layers, n_heads = model_shape(model_path)
+    if k > n_layers * n_heads:
+        raise ListenError(f"--k {k} is more heads than this model has ({n_layers} layers x {n_heads} heads)")
     records = out.with_name(out.stem + ".items.jsonl")
     ident = _identity(model_path, data, prompt, max_tokens)
     with locked(out.parent, f".{out.name}.lock"):
         claim(records.with_suffix(".meta.json"), ident, extra={"model": str(model_path), "seed": seed})
         model, processor = load(model_path)
         rows = calibrate(model, processor, items, Path(audio_dir), records, prompt, max_tokens, progress)
-        meta = {"model": str(model_path), **ident, "seed": seed}
-        hs = find_heads(rows, k, meta)
+        meta = {"model": str(model_path), **ident, "seed": seed, "model_signature": model_signature(model)}
+        hs = find_heads(rows, k, meta, center=center, n_perm=n_perm, n_boot=n_boot, seed=seed)
         hs.save(out)
         write_side_files(hs, usable(rows)[0], out, seed)
     return hs, rows
 
 
 def validate_run(headset: HeadSet, model_path, data: Path, audio_dir: Path, out: Path, *, limit: int | None = None,
-                 seed: int = 0, prompt: str = mmau.DEFAULT_PRESET, max_tokens: int = 256,
+                 seed: int = 0, prompt: str = mmau.DEFAULT_PRESET, max_tokens: int = 256, force: bool = False,
                  progress: bool = True) -> dict:
     """`mlx-listen validate-heads`: answers with the audio and with silence (resumable, in `out`),
-    then `validate`; writes validation.json and validation.png."""
+    then `validate`; writes validation.json and validation.png. A head set found on another model or
+    prompt is refused (unless `force`); validating on its own calibration items is flagged loudly."""
     out = Path(out)
     items = calibration_items(data, audio_dir, limit)
+    binding = check_binding(headset.meta or {}, str(headset.path or "the head set"), prompt=prompt,
+                            ids=[it["id"] for it in items], force=force)
     records = out / "items.jsonl"
     with locked(out):
         claim(out / "items.meta.json", _identity(model_path, data, prompt, max_tokens), extra={"model": str(model_path)})
         model, processor = load(model_path)
         headset.check(len(model.layers), model.config.text_config.num_attention_heads)
+        binding += check_binding(headset.meta or {}, str(headset.path or "the head set"), model=model, force=force)
+        for w in binding:
+            warnings.warn(w, ListenWarning, stacklevel=2)
         rows = validation_records(model, processor, items, Path(audio_dir), records, prompt, max_tokens, progress)
         rep = validate(headset, rows, seed)
+        rep["warnings"] = binding
         write_json(out / "validation.json", rep)
-        good = usable(rows)[0]
-        plot_listening_split(headset, np.array([r["audio_mass"] for r in good]),
-                             np.array([r["changed"] for r in good], bool), ("audio changed answer", "unchanged"),
-                             out / "validation.png", seed)
+        good = [r for r in usable(rows)[0] if changed_category(r) != "unparsable"]
+        if good:
+            plot_listening_split(headset, np.array([r["audio_mass"] for r in good]),
+                                 np.array([changed_category(r) == "changed" for r in good]),
+                                 ("option changed with silence", "unchanged"), out / "validation.png", seed)
     return rep
 
 
@@ -352,12 +388,20 @@ def validation_lines(rep: dict) -> list[str]:
         return "n/a" if v is None else format(v, spec)
 
     h = rep["heads"]
-    ci = h["difference_ci95"]
-    return [f"{rep['n']} items; the audio changed the answer on {rep['n_changed']}",
-            f"listening score: changed {f(h['mean_changed'])}, unchanged {f(h['mean_unchanged'])}, difference "
-            f"{f(h['difference'], '+.4f')} (95% CI {f(ci and ci[0], '+.4f')} to {f(ci and ci[1], '+.4f')}), "
-            f"AUC {f(h['auc'], '.3f')}",
-            f"random-head control AUC: {f(rep['random_auc_mean'], '.3f')} ± {f(rep['random_auc_sd'], '.3f')}"]
+    ci, aci = h["difference_ci95"], h["auc_ci95"]
+    lines = [f"{rep['n']} items; the audio changed the chosen option on {rep['n_changed']}, not on "
+             f"{rep['n_unchanged']}; {rep['n_unparsable']} answers picked no option (left out)"]
+    if h["too_small"]:
+        lines.append("listening score: too few items in a group for an interval (fewer than 10); AUC "
+                     f"{f(h['auc'], '.3f')}, difference {f(h['difference'], '+.4f')}")
+    else:
+        lines.append(f"listening score: changed {f(h['mean_changed'])}, unchanged {f(h['mean_unchanged'])}, difference "
+                     f"{f(h['difference'], '+.4f')} (95% CI {f(ci and ci[0], '+.4f')} to {f(ci and ci[1], '+.4f')}), "
+                     f"AUC {f(h['auc'], '.3f')} (95% CI {f(aci and aci[0], '.3f')} to {f(aci and aci[1], '.3f')})")
+    lines.append(f"matched random head sets: AUC {f(rep['random_auc_mean'], '.3f')} ± {f(rep['random_auc_sd'], '.3f')}"
+                 + (f"; the heads' empirical p among them {rep['auc_vs_random']['empirical_p']:.3g}"
+                    if rep.get("auc_vs_random") else ""))
+    return lines
 
 
 def attention_map(model, processor, clip, question: str, *, system: str | None = None, heads: HeadSet | None = None,

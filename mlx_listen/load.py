@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 from pathlib import Path
 
 import mlx.core as mx
 
-from .chat import Processor, find_chat_template
+from .chat import Processor, find_chat_template, messages_for
 from .config import DEFAULT_MODEL, ModelConfig
-from .errors import ModelError
+from .errors import ListenError, ModelError
 from .model import Model
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
@@ -51,30 +52,42 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
 def read_config(path: Path) -> dict:
     from mlx_lm.utils import load_config
 
-    if not (path / "config.json").exists():
+    f = path / "config.json"
+    if not f.exists():
         raise ModelError(f"{path} has no config.json: not a model folder")
-    try:
-        config = load_config(path)
+    try:  # read it ourselves first: mlx-lm indexes into whatever the file holds
+        raw = json.loads(f.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as e:  # json.JSONDecodeError: a truncated or hand-edited file
         raise ModelError(f"{path}: config.json is not valid JSON ({_short(e)})") from None
-    if not isinstance(config, dict):
-        raise ModelError(f"{path}: config.json holds a JSON {type(config).__name__}, not a model config object")
-    return config
+    if not isinstance(raw, dict):
+        raise ModelError(f"{path}: config.json holds a JSON {type(raw).__name__}, not a model config object")
+    try:
+        return load_config(path)
+    except (ValueError, TypeError, AttributeError, UnicodeDecodeError) as e:  # a bad generation_config.json
+        raise ModelError(f"{path}: cannot read the model config ({_short(e)})") from None
 
 
 def _check_shards(path: Path):
-    """Every weight file the index names must be there (else mlx-lm only says 'Missing N parameters')."""
+    """Every weight file the index names (or the `-of-N` names promise) must be there; else mlx-lm
+    only says 'Missing N parameters'."""
     index = path / "model.safetensors.index.json"
-    if not index.exists():
-        return
-    try:
-        names = set(json.loads(index.read_text())["weight_map"].values())
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ModelError(f"{index} is not a valid weight index ({_short(e)})") from None
+    if index.exists():
+        try:
+            names = set(json.loads(index.read_text())["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelError(f"{index} is not a valid weight index ({_short(e)})") from None
+        where = "listed in model.safetensors.index.json"
+    else:
+        names, where = set(), "of the numbered set"
+        for f in path.glob("model-*-of-*.safetensors"):
+            m = re.fullmatch(r"model-(\d+)-of-(\d+)\.safetensors", f.name)
+            if m:
+                width, total = len(m.group(1)), int(m.group(2))
+                names |= {f"model-{i:0{width}d}-of-{m.group(2)}.safetensors" for i in range(1, total + 1)}
     missing = sorted(n for n in names if not (path / n).is_file())
     if missing:
-        raise ModelError(f"{path}: weight file{'s' if len(missing) > 1 else ''} {', '.join(missing)} listed in "
-                         "model.safetensors.index.json missing (an interrupted download or copy?)")
+        raise ModelError(f"{path}: weight file{'s' if len(missing) > 1 else ''} {', '.join(missing)} {where} "
+                         "missing (an interrupted download or copy?)")
 
 
 def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
@@ -128,7 +141,12 @@ def load_processor(path: Path, config: dict) -> Processor:
         template = find_chat_template(path)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{path}: cannot read the chat template ({_short(e)})") from None
-    return Processor(tok, template)
+    processor = Processor(tok, template)
+    try:  # a broken template must stop here, not fail every item of a run
+        processor.render(messages_for("test", 1))
+    except ListenError as e:
+        raise ModelError(f"{path}: {e}") from None
+    return processor
 
 
 def load(path_or_repo: str | Path = DEFAULT_MODEL, lazy: bool = False) -> tuple[Model, Processor]:
@@ -138,12 +156,15 @@ def load(path_or_repo: str | Path = DEFAULT_MODEL, lazy: bool = False) -> tuple[
     return model, load_processor(path, config)
 
 
+FINGERPRINT_VERSION = 2
+
+
 def weights_fingerprint(path: Path) -> str:
     """A short hash that names the exact weights of a folder without loading them: the config and,
-    per weight file, its safetensors header and the first bytes of a few tensors. Two copies of the
-    same folder agree wherever they sit; a different checkpoint (or a re-conversion of another
-    model into the same folder) does not."""
-    h = hashlib.sha256()
+    per weight file, its safetensors header and a few KB from the start, middle and end of every
+    tensor (so a change to any one tensor, e.g. a fine-tuned top layer, changes it; ~3 MB read at
+    7B). Two copies of the same folder agree wherever they sit; another checkpoint does not."""
+    h = hashlib.sha256(f"v{FINGERPRINT_VERSION}".encode())
     h.update((path / "config.json").read_bytes() if (path / "config.json").exists() else b"")
     for f in sorted(path.glob("model*.safetensors")):
         with open(f, "rb") as fh:
@@ -154,13 +175,14 @@ def weights_fingerprint(path: Path) -> str:
             header = fh.read(n)
             h.update(f.name.encode() + header)
             try:
-                entries = [v for k, v in json.loads(header).items() if k != "__metadata__"]
+                entries = [v for k, v in sorted(json.loads(header).items()) if k != "__metadata__"]
             except (ValueError, UnicodeDecodeError, AttributeError):
                 raise ModelError(f"{f} is not a safetensors file (bad header)") from None
-            for e in entries[:: max(1, len(entries) // 4)][:5]:
-                start = e["data_offsets"][0]
-                fh.seek(8 + n + start)
-                h.update(fh.read(min(4096, e["data_offsets"][1] - start)))
+            for e in entries:
+                start, end = e["data_offsets"]
+                for at in {start, (start + end) // 2, max(start, end - 1024)}:
+                    fh.seek(8 + n + at)
+                    h.update(fh.read(min(1024, end - at)))
     return h.hexdigest()[:16]
 
 

@@ -18,17 +18,9 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from . import identity
 from .audio import audio_features, load_audio
-from .bundle import (
-    LEGACY_FINGERPRINT_SLICES,
-    Bundle,
-    BundleError,
-    config_hash,
-    load_bundle,
-    sha256_file,
-    sketch,
-    slices_from_json,
-)
+from .bundle import Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
 from .capture import run_with_cache
 from .chat import messages_for
 from .errors import ListenError
@@ -108,10 +100,10 @@ def _quant_bits(model) -> int | None:
 # by more than this relative error (||ours - ref|| / ||ref||, each side minus its mean) comes from
 # other weights. Same weights converted, cast to bf16/fp16 or quantised to 8/4 bits stay below
 # ~0.1; unrelated random blocks sit near sqrt(2) = 1.41 (measured: tests/test_parity.py).
-FINGERPRINT_MAX_REL = 0.5
+FINGERPRINT_MAX_REL = identity.MAX_REL
 # A block whose centred spread is under this fraction of its magnitude (norm weights near 1, zero biases)
 # cannot tell checkpoints apart at bf16 or 4-bit precision: it is skipped.
-FINGERPRINT_MIN_SPREAD = 0.05
+FINGERPRINT_MIN_SPREAD = identity.MIN_SPREAD
 
 
 def check_identity(bundle: Bundle, model, config: dict):
@@ -134,67 +126,12 @@ def check_identity(bundle: Bundle, model, config: dict):
 
 
 def fingerprint_errors(bundle: Bundle, model) -> tuple[dict[str, float], list[str]]:
-    """Per usable fingerprint entry, the relative error of our block against the bundle's, both centred;
-    and the entries that cannot be used, with why (constant in the bundle, e.g. the norm weights and
-    zero biases old bundles stored; unknown slice; malformed; not in this model)."""
-    want = bundle.manifest.get("model") or {}
-    values = want.get("fingerprint") if isinstance(want.get("fingerprint"), dict) else {}
-    spec = want.get("fingerprint_slices") if isinstance(want.get("fingerprint_slices"), dict) else {}
-    errors, skipped = {}, []
-    for name, vals in values.items():
-        try:
-            idx = slices_from_json(spec[name]) if name in spec else LEGACY_FINGERPRINT_SLICES[name]
-        except KeyError:
-            skipped.append(f"{name}: no slice recorded")
-            continue
-        except ValueError as e:
-            skipped.append(f"{name}: bad slice ({e})")
-            continue
-        try:
-            ref = np.asarray(vals, np.float64).reshape(-1)
-        except (TypeError, ValueError):
-            skipped.append(f"{name}: values are not numbers")
-            continue
-        if ref.size == 0 or not np.isfinite(ref).all():
-            skipped.append(f"{name}: empty or non-finite values")
-            continue
-        try:
-            w = _weight(model, name)
-        except (AttributeError, IndexError, KeyError, ValueError):
-            skipped.append(f"{name}: not a tensor of this model")
-            continue
-        if w.ndim != len(idx):
-            skipped.append(f"{name}: slice of {len(idx)} dims for a {w.ndim}-dim tensor")
-            continue
-        ours = np.array(w[idx].astype(mx.float32), np.float64).reshape(-1)
-        if ours.size != ref.size:
-            skipped.append(f"{name}: {ref.size} values for a block of {ours.size}")
-            continue
-        rc, oc = ref - ref.mean(), ours - ours.mean()
-        den = float(np.linalg.norm(rc))
-        if den == 0.0 or den < FINGERPRINT_MIN_SPREAD * float(np.linalg.norm(ref)):
-            skipped.append(f"{name}: (nearly) constant in the bundle")
-            continue
-        errors[name] = float(np.linalg.norm(oc - rc)) / den
-    return errors, skipped
+    """`identity.fingerprint_errors` on the bundle's recorded model."""
+    return identity.fingerprint_errors(bundle.manifest.get("model") or {}, model)
 
 
 def _weight(model, name: str) -> mx.array:
-    """A parameter by its checkpoint name, in the checkpoint's layout, dequantised if its module is quantised."""
-    *path, leaf = name.split(".")
-    if path[:2] == ["language_model", "lm_head"] and "lm_head" not in model.language_model:
-        path = ["language_model", "model", "embed_tokens"]  # tied: the head is the embedding
-    mod = model
-    for p in path:
-        mod = mod[int(p)] if isinstance(mod, list) else getattr(mod, p)
-    if leaf == "weight" and "scales" in mod:
-        w = mx.dequantize(mod.weight, mod.scales, mod.get("biases"), group_size=mod.group_size,
-                          bits=mod.bits, mode=mod.mode)
-    else:
-        w = mod[leaf]
-    if name.startswith("audio_tower.conv") and leaf == "weight" and w.ndim == 3:
-        w = w.transpose(0, 2, 1)  # MLX (out, k, in) -> torch/hub (out, in, k)
-    return w
+    return identity.weight(model, name)
 
 
 def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new_tokens: int) -> dict:

@@ -58,7 +58,7 @@ class SteerConfig:
         d["direction"] = "fixed vector" if self.vector is not None else "per input (audio - silence)"
         return d
 
-    def validate(self, n_layers: int, hidden_size: int | None = None):
+    def validate(self, n_layers: int, hidden_size: int | None = None, n_heads: int | None = None):
         if self.vector is not None and hidden_size is not None and np.shape(self.vector) != (hidden_size,):
             raise ListenError(f"the steering vector has shape {np.shape(self.vector)}; this model's hidden size "
                               f"is {hidden_size}")
@@ -77,6 +77,10 @@ class SteerConfig:
         bad = [l for l in self.layers if not 0 <= l < n_layers]
         if bad:
             raise ListenError(f"layers {bad} do not exist in this {n_layers}-layer model")
+        if n_heads is not None:
+            bad = [tuple(h) for h in self.heads if not (0 <= h[0] < n_layers and 0 <= h[1] < n_heads)]
+            if bad:
+                raise ListenError(f"heads {bad} do not exist in this model ({n_layers} layers x {n_heads} heads)")
         if self.vector is None and self.apply_layer % n_layers < max(self.layers):
             raise ListenError(f"the steering layer ({self.apply_layer % n_layers}) comes before the deepest read layer "
                               f"({max(self.layers)}): d(x) is not known there yet")
@@ -124,7 +128,8 @@ class Steerer:
     """Steered answers for one model and one configuration."""
 
     def __init__(self, model, config: SteerConfig, silence: Silence | None = None):
-        config.validate(len(model.layers), model.config.text_config.hidden_size)
+        text = model.config.text_config
+        config.validate(len(model.layers), text.hidden_size, text.num_attention_heads)
         self.model, self.config = model, config
         self.silence = silence or Silence(model)
 
@@ -270,6 +275,22 @@ def save_vector(path, vector: np.ndarray, *, apply_layer: int, hidden_size: int,
     md.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
     mx.save_safetensors(str(path), {f"direction.{apply_layer}": mx.array(np.asarray(vector, np.float32))},
                         metadata=md)
+
+
+def vector_binding(path) -> dict:
+    """What a vector file says it is bound to (model signature, prompt, calibration ids), in the
+    shape `identity.check_binding` reads."""
+    _, _, md = load_vector(path)
+
+    def field_(key, default=None):
+        try:
+            return json.loads(md[key]) if key in md else default
+        except ValueError:
+            return md.get(key, default)
+
+    cal = field_("calibration", {}) or {}
+    return {"model_signature": field_("model_signature"), "prompt": cal.get("prompt"),
+            "calibration_ids": cal.get("ids") or []}
 
 
 def load_vector(path, hidden_size: int | None = None, n_layers: int | None = None) -> tuple[np.ndarray, int, dict]:

@@ -9,6 +9,7 @@ so everything `eval` gives (predictions, official-format files, tables) holds fo
 from __future__ import annotations
 
 import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
@@ -18,9 +19,10 @@ from tqdm import tqdm
 
 from . import mmau
 from .conditions import baseline, steered
-from .errors import ListenError
+from .errors import ListenError, ListenWarning
 from .evaluate import EvalSpec, read_predictions, run_eval, select_items
 from .heads import HeadSet, random_heads
+from .identity import check_binding, model_signature
 from .load import model_shape
 from .plots import curve_plot
 from .prompt import prepare
@@ -60,6 +62,8 @@ def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib
     out = spec.out
     out.mkdir(parents=True, exist_ok=True)
     n_layers, n_heads = model_shape(spec.model)
+    HeadSet(config.heads).check(n_layers, n_heads)  # before any run folder is written
+    config.validate(n_layers, n_heads=n_heads)
     k = len(config.heads)
     controls = [HeadSet(random_heads(n_layers, n_heads, k, seed + 1 + i)) for i in range(n_random)]
     conds = [baseline()] + [steered(replace(config, alpha=a), _name(a)) for a in alphas if a != 0]
@@ -129,21 +133,29 @@ def vector_path(out) -> Path:
 
 
 def build(headset: HeadSet, model_path, data: Path, audio_dir: Path, out, *, limit: int | None = None,
-          alpha: float = 1.0, prompt: str = mmau.DEFAULT_PRESET, progress: bool = True) -> tuple[Path, np.ndarray, dict]:
+          alpha: float = 1.0, prompt: str = mmau.DEFAULT_PRESET, force: bool = False,
+          progress: bool = True) -> tuple[Path, np.ndarray, dict]:
     """`mlx-listen steer build`: the dataset-mean direction over `data`, saved with `alpha` as its
-    default strength. The output folder is checked before any model work."""
+    default strength and what it is bound to (model signature, prompt, its items). The output
+    folder, the prompt and the heads are checked before any model work."""
     from .load import load
 
     path = vector_path(out)
     if not path.parent.is_dir():
         raise ListenError(f"the folder of --out ({path.parent}) does not exist")
     items = mmau.load_items(data)[:limit]
+    label = str(headset.path or "the head set")
+    warned = check_binding(headset.meta or {}, label, prompt=prompt, force=force)
     config = from_heads(headset)
     model, processor = load(model_path)
     headset.check(len(model.layers), model.config.text_config.num_attention_heads)
+    warned += check_binding(headset.meta or {}, label, model=model, force=force)
+    for w in warned:
+        warnings.warn(w, ListenWarning, stacklevel=2)
     vec, used, failed = build_vector(model, processor, items, Path(audio_dir), config, prompt, progress)
     meta = {"model": str(model_path), "layers": config.layers, "heads": [list(h) for h in config.heads],
             "coeff": alpha, "normalize": "none", "positions": "prompt_last+generated", "source": "dataset_mean",
+            "model_signature": model_signature(model), "warnings": warned,
             "calibration": {"data_sha256": mmau.file_sha256(data), "n_items": len(used), "prompt": prompt,
                             "ids": used, "failed": failed}}
     tmp = path.with_name(f".{path.name}.tmp.safetensors")

@@ -194,7 +194,8 @@ def test_ranking_is_deterministic_and_order_free():
     c = H.find_heads([rows[i] for i in rng.permutation(40)], 6, {})
     assert a.heads == b.heads == c.heads
     assert np.allclose(a.scores, c.scores, atol=1e-12)
-    assert H.find_heads(rows, 100, {}).heads == H.top_heads(a.scores, 12)  # k capped at the head count
+    with pytest.raises(ListenError, match="only 12 heads|12 heads"):  # k above the head count: refused, not capped
+        H.find_heads(rows, 100, {})
 
 
 # -- the listening score, AUC, bootstrap, random control ------------------------------------------
@@ -205,30 +206,6 @@ def test_listening_is_the_mean_over_the_selected_heads():
     assert hs.listening(mass) == pytest.approx((mass[0, 1] + mass[2, 3] + mass[1, 0]) / 3)
     assert hs.layers == [0, 1, 2]
     assert H.HeadSet([(2, 0), (2, 1)]).layers == [2]
-
-
-def test_auc_hand_cases():
-    assert H.auc([0.9, 0.8, 0.7], [0.1, 0.2]) == 1.0  # perfect separation
-    assert H.auc([0.1, 0.2], [0.9, 0.8, 0.7]) == 0.0  # reversed
-    assert H.auc([0.5, 0.5], [0.5, 0.5, 0.5]) == 0.5  # all ties
-    # pos 3 > {1, 2}: 2 wins; pos 2 > {1}, = {2}: 1.5; pos 0: 0 -> 3.5 / 6
-    assert H.auc([3, 2, 0], [1, 2]) == pytest.approx(3.5 / 6)
-    rng = np.random.default_rng(4)
-    pos, neg = rng.integers(0, 6, 17).astype(float), rng.integers(0, 6, 11).astype(float)
-    brute = sum(1.0 if p > q else 0.5 if p == q else 0.0 for p in pos for q in neg) / (17 * 11)
-    assert H.auc(pos, neg) == pytest.approx(brute)
-    assert H.auc(pos, neg) + H.auc(neg, pos) == pytest.approx(1.0)
-    assert np.isnan(H.auc([], [1.0]))
-
-
-def test_bootstrap_interval_is_seeded_and_covers_the_difference():
-    rng = np.random.default_rng(5)
-    a, b = rng.normal(1.0, 0.3, 40), rng.normal(0.5, 0.3, 30)
-    lo, hi = H.bootstrap_diff(a, b, seed=3)
-    assert (lo, hi) == H.bootstrap_diff(a, b, seed=3)
-    assert (lo, hi) != H.bootstrap_diff(a, b, seed=4)
-    assert 0 < lo < a.mean() - b.mean() < hi
-    assert hi - lo == pytest.approx(2 * 1.96 * np.sqrt(0.09 / 40 + 0.09 / 30), rel=0.3)
 
 
 def test_random_heads_seeded_distinct_and_uniform():
@@ -251,24 +228,30 @@ def test_random_heads_seeded_distinct_and_uniform():
 
 def test_validate_on_synthetic_records():
     rng = np.random.default_rng(6)
-    n = 40
+    n = 60
     mass = rng.random((n, 3, 4)) * 0.2
-    changed = np.arange(n) % 3 == 0
-    mass[changed, 2, 1] += 0.5  # the selected head listens more when the audio matters
-    rows = [{"audio_mass": m.tolist(), "changed": bool(c)} for m, c in zip(mass, changed)]
+    kind = np.arange(n) % 4  # 0: changed, 1-2: unchanged, 3: the silence answer picks no option
+    mass[kind == 0, 2, 1] += 0.5  # the selected head listens more when the audio matters
+    rows = [{"audio_mass": m.tolist(), "choice_audio": 0, "choice_silence": {0: 1, 1: 0, 2: 0, 3: None}[int(k)]}
+            for m, k in zip(mass, kind)]
     rep = H.validate(H.HeadSet([(2, 1)]), rows, seed=0, n_random=4)
-    assert (rep["n"], rep["n_changed"], rep["n_unchanged"]) == (n, changed.sum(), (~changed).sum())
+    changed, unchanged = kind == 0, (kind == 1) | (kind == 2)
+    assert (rep["n"], rep["n_changed"], rep["n_unchanged"], rep["n_unparsable"]) == (n, 15, 30, 15)
     h = rep["heads"]
-    assert h["auc"] == 1.0
+    assert h["auc"] == 1.0 and h["auc_ci95"] is not None
     assert h["mean_changed"] == pytest.approx(mass[changed, 2, 1].mean())
-    assert h["difference"] == pytest.approx(mass[changed, 2, 1].mean() - mass[~changed, 2, 1].mean())
+    assert h["difference"] == pytest.approx(mass[changed, 2, 1].mean() - mass[unchanged, 2, 1].mean())
     assert h["difference_ci95"][0] < h["difference"] < h["difference_ci95"][1]
     assert len(rep["random_control"]) == 4
-    assert [c["heads"] for c in rep["random_control"]] == [[list(x) for x in H.random_heads(3, 4, 1, s)]
-                                                           for s in range(4)]
+    for c in rep["random_control"]:  # matched: one head, in another layer
+        assert len(c["heads"]) == 1 and c["heads"][0][0] != 2
     json.dumps(rep, allow_nan=False)
+    # a group under 10 items: reported as too small, no interval
+    few = rows[:30]
+    rep = H.validate(H.HeadSet([(2, 1)]), few)
+    assert rep["n_changed"] == 8 and rep["heads"]["too_small"] and rep["heads"]["auc_ci95"] is None
     # one group empty: undefined values are null, never NaN
-    rep = H.validate(H.HeadSet([(2, 1)]), [dict(r, changed=True) for r in rows])
+    rep = H.validate(H.HeadSet([(2, 1)]), [dict(r, choice_silence=1) for r in rows])
     assert rep["heads"]["auc"] is None and rep["heads"]["difference_ci95"] is None
     assert rep["random_auc_mean"] is None and rep["heads"]["mean_unchanged"] is None
     json.dumps(rep, allow_nan=False)
@@ -376,10 +359,11 @@ def test_heads_command_outputs(demo, tiny_gqa, heads_run, shape):
         assert r["audio_tokens"] > 0
 
     raw = strict_json(out)
-    for key in ("heads", "scores", "k", "model", "data", "n_items", "accuracy"):
+    for key in ("heads", "scores", "k", "model", "data_sha256", "n_items", "accuracy", "calibration_ids", "prompt",
+                "model_signature", "null", "stability", "other_center"):
         assert key in raw, key
     assert raw["k"] == K and len(raw["heads"]) == K
-    assert raw["model"] == str(tiny_gqa.mlx_path) and raw["data"] == mmau.file_sha256(data)
+    assert raw["model"] == str(tiny_gqa.mlx_path) and raw["data_sha256"] == mmau.file_sha256(data)
     assert raw["n_items"] == N_DEMO and raw["accuracy"] == 0.5  # the demo set balances positions
     assert (raw["prompt"], raw["max_tokens"], raw["seed"]) == ("r1-aqa", MAX_TOKENS, 0)
     assert set(raw["scores"]) == {f"{l},{h}" for l in range(L) for h in range(Hh)}
@@ -597,6 +581,8 @@ def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch
     n = 6
     out = tmp_path / "val"
     count = Counter(monkeypatch)
+    # the tiny model's gibberish picks no option: let its length pick one, so both groups fill
+    monkeypatch.setattr(mmau, "matched_choice", lambda pred, choices: len(pred) % len(choices))
     res = ok(invoke(*validate_args(demo, tiny_gqa.mlx_path, heads_run[0], out, "--limit", n)))
     assert count.n == n
     rep = strict_json(out / "validation.json")
@@ -609,7 +595,8 @@ def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch
     for r in rows:
         assert r["answer_audio"] == calib[r["id"]]["answer"]
         assert np.abs(np.array(r["audio_mass"]) - np.array(calib[r["id"]]["audio_mass"])).max() < 1e-6
-        assert r["changed"] == (r["answer_audio"] != r["answer_silence"])
+        assert r["choice_audio"] == len(r["answer_audio"]) % 4 and r["choice_silence"] == len(r["answer_silence"]) % 4
+        assert r["changed"] == (r["choice_audio"] != r["choice_silence"])
     # the silence answer: the same question with equal-length digital zeros
     model, processor = tiny_gqa.mlx
     audio = load_audio(root / items[0]["audio_id"])
@@ -621,15 +608,19 @@ def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch
     changed = np.array([r["changed"] for r in rows])
     L = np.array([hs.listening(np.array(r["audio_mass"])) for r in rows])
     assert (rep["n"], rep["n_changed"], rep["n_unchanged"]) == (n, changed.sum(), n - changed.sum())
-    assert rep == H.validate(hs, rows, 0)
+    assert {k: v for k, v in rep.items() if k != "warnings"} == H.validate(hs, rows, 0)
+    assert any("were used to find" in w for w in rep["warnings"])  # validated on its own calibration items
+    assert "were used to find" in res.stderr
     h = rep["heads"]
     if changed.any() and not changed.all():
-        assert h["auc"] == pytest.approx(H.auc(L[changed], L[~changed]))
+        from mlx_listen.stats import auc
+
+        assert h["auc"] == pytest.approx(auc(L[changed], L[~changed]))
         assert h["difference"] == pytest.approx(L[changed].mean() - L[~changed].mean())
         assert f"AUC {h['auc']:.3f}" in res.stdout
-    assert len(rep["random_control"]) == 5
-    assert f"{n} items; the audio changed the answer on {changed.sum()}" in res.stdout
-    assert "random-head control AUC" in res.stdout
+    assert len(rep["random_control"]) == 10
+    assert f"{n} items; the audio changed the chosen option on {changed.sum()}" in res.stdout
+    assert "matched random head sets: AUC" in res.stdout
 
     # rerun: nothing recomputed, the same report
     before = (out / "items.jsonl").read_bytes()
@@ -641,11 +632,12 @@ def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch
 def test_validate_heads_with_one_group_writes_strict_json(demo, tiny_gqa, heads_run, tmp_path, monkeypatch):
     """Audio and silence give the same answer everywhere: no AUC, and null (not NaN) in the report."""
     monkeypatch.setattr(mmau, "extract_answer", lambda text: ("same", True))
+    monkeypatch.setattr(mmau, "matched_choice", lambda pred, choices: 0)
     out = tmp_path / "val"
     res = ok(invoke(*validate_args(demo, tiny_gqa.mlx_path, heads_run[0], out, "--limit", 2)))
     rep = strict_json(out / "validation.json")
     assert (rep["n"], rep["n_changed"], rep["n_unchanged"]) == (2, 0, 2)
     assert rep["heads"]["auc"] is None and rep["heads"]["difference"] is None
     assert rep["random_auc_mean"] is None
-    assert "AUC n/a" in res.stdout
+    assert "too few items" in res.stdout and "AUC n/a" in res.stdout
     assert_png(out / "validation.png")
