@@ -1,0 +1,328 @@
+"""`mlx_listen.lens` (the logit lens, per-layer contrast and task cosines of a steering direction)
+against the PyTorch reference (`convert/reference.py`: forward hooks, autograd for the Jacobian,
+brute-force Gram matrices for the cosines) on the tiny models, plus hand-built cases.
+
+The tiny models' final-norm weight is all ones, which would hide a wrong `w ⊙`; the lens tests
+run with a random positive weight written into both models (and restored)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import SR, tone
+
+from mlx_listen import lens as LN
+from mlx_listen import mmau
+from mlx_listen.errors import ListenError
+from mlx_listen.heads import HeadSet
+from mlx_listen.prompt import prepare
+from mlx_listen.steering import Silence, read_residuals, save_vector
+
+TOL = 1e-4
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CLIPS = {  # id: (task, seconds, freq, seed)
+    "s1": ("sound", 1.2, 300.0, 1), "s2": ("sound", 1.7, 900.0, 2),
+    "m1": ("music", 1.0, 440.0, 3), "m2": ("music", 1.5, 660.0, 4),
+    "p1": ("speech", 1.3, 200.0, 5), "p2": ("speech", 0.9, 1500.0, 6),
+}
+
+
+def close(got, want, tol=TOL):
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    err = np.abs(got - want).max() if got.size else 0.0
+    assert err <= tol * max(1.0, np.abs(want).max()), f"max error {err:.3g}"
+    return err
+
+
+def close_lists(got, want, tol=TOL):
+    """Two (nested) lists of numbers or None: None in the same places, numbers close."""
+    g, w = np.array(got, dtype=object), np.array(want, dtype=object)
+    assert g.shape == w.shape
+    for a, b in zip(g.ravel(), w.ravel()):
+        assert (a is None) == (b is None), (got, want)
+        if a is not None:
+            assert abs(a - b) <= tol * max(1.0, abs(b)), (got, want)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """An MMAU-format file: two items per task (float WAVs, read back bit for bit) and one item
+    whose "audio" is a text file."""
+    root = tmp_path_factory.mktemp("lens-data")
+    (root / "audios").mkdir()
+    items, clips = [], {}
+    for uid, (task, sec, freq, seed) in CLIPS.items():
+        x = tone(sec, freq, seed)
+        sf.write(root / "audios" / f"{uid}.wav", x, SR, subtype="FLOAT")
+        clips[uid] = x
+        items.append({"id": uid, "audio_id": f"audios/{uid}.wav", "question": f"What is heard in {uid}?",
+                      "choices": ["a tone", "a voice", "silence", "music"], "answer": "a tone", "task": task,
+                      "difficulty": "easy", "category": "synthetic"})
+    (root / "audios" / "bad.wav").write_text("not audio")
+    items.insert(3, {"id": "bad", "audio_id": "audios/bad.wav", "question": "?", "choices": ["x", "y"],
+                     "answer": "x", "task": "music", "difficulty": "easy"})
+    path = root / "data.json"
+    path.write_text(json.dumps(items))
+    loaded = mmau.load_items(path)
+    ref_items = [(it["task"], [clips[it["id"]]], mmau.build_prompt(it, "r1-aqa")) for it in loaded if it["id"] != "bad"]
+    return root, path, loaded, ref_items
+
+
+@contextmanager
+def norm_weight(tiny, seed=0):
+    """A random positive final-norm weight in both the MLX and the torch model, restored after."""
+    import torch
+
+    model, _ = tiny.mlx
+    norm = model.language_model.model.norm
+    hf_norm = tiny.hf_model.model.language_model.norm
+    old_mx, old_hf = norm.weight, hf_norm.weight.detach().clone()
+    w = np.random.default_rng(seed).uniform(0.3, 2.0, old_mx.shape).astype(np.float32)
+    norm.weight = mx.array(w)
+    with torch.no_grad():
+        hf_norm.weight.copy_(torch.from_numpy(w))
+    try:
+        yield w
+    finally:
+        norm.weight = old_mx
+        with torch.no_grad():
+            hf_norm.weight.copy_(old_hf)
+
+
+# -- parity with transformers ---------------------------------------------------------------------
+
+def test_layer_differences_match_pytorch(tiny):
+    from mlx_listen.convert.reference import layer_differences
+
+    clip, q = tone(1.4, 520.0, 7), "What is this?"
+    ref = layer_differences(tiny.hf_model, tiny.hf_processor, [clip], q)
+    model, processor = tiny.mlx
+    prompt = prepare(model, processor, [clip], q)
+    layers = list(range(len(model.layers)))
+    a = read_residuals(model, prompt, layers)
+    s = read_residuals(model, Silence(model).prompt(prompt), layers)
+    close(np.stack([np.array(a[l] - s[l]) for l in layers]), ref["diff"])
+    close(np.array(a[layers[-1]]), ref["final"])
+    assert np.abs(ref["diff"]).max() > 1e-2, "audio and silence agree: a weak test"
+
+
+def test_lens_vectors_match_pytorch(tiny_gqa):
+    from mlx_listen.convert import reference as R
+
+    model, _ = tiny_gqa.mlx
+    rng = np.random.default_rng(3)
+    hidden = model.config.text_config.hidden_size
+    d = rng.standard_normal(hidden).astype(np.float32)
+    h = (3 * rng.standard_normal(hidden) + 0.5 * d).astype(np.float32)  # not orthogonal to d
+    with norm_weight(tiny_gqa):
+        got = LN.lens_vectors(model, d, h, alpha=1.5)
+        ref = R.lens_vectors(tiny_gqa.hf_model, d, h, alpha=1.5)
+        errs = {k: close(got[k], ref[k]) for k in LN.LENSES}
+        # the h-term matters here, so a lens that dropped it would fail
+        assert np.abs(ref["jacobian"] - ref["direct"] / np.sqrt(np.mean(h**2) + 1e-6)).max() > 1e-2
+    print("lens parity max |error|:", errs)
+
+
+def test_jacobian_is_the_small_alpha_limit_of_exact(tiny_gqa):
+    model, _ = tiny_gqa.mlx
+    rng = np.random.default_rng(4)
+    hidden = model.config.text_config.hidden_size
+    d, h = rng.standard_normal(hidden), 2 * rng.standard_normal(hidden)
+    v = LN.lens_vectors(model, d, h, alpha=1e-2)
+    assert np.abs(v["exact"] / 1e-2 - v["jacobian"]).max() <= 2e-2 * np.abs(v["jacobian"]).max()
+
+
+def test_inspect_heads_matches_reference(tiny_gqa, data, tmp_path):
+    """Per-input directions over L* = {0, 1}: every reported number against the brute-force
+    reference; the unreadable item is skipped with its reason; the files are written."""
+    from mlx_listen.convert.reference import inspect_reference
+
+    root, _, items, ref_items = data
+    model, processor = tiny_gqa.mlx
+    heads = HeadSet([(0, 1), (1, 2)])
+    k = 8
+    with norm_weight(tiny_gqa, seed=1):
+        res = LN.inspect_direction(model, processor, headset=heads, items=items, audio_dir=root, top_k=k,
+                                   out=tmp_path / "out")
+        ref = inspect_reference(tiny_gqa.hf_model, tiny_gqa.hf_processor, ref_items, layers=[0, 1], alpha=1.0)
+
+    assert res["data"]["used"] == 6 and [f["id"] for f in res["data"]["failed"]] == ["bad"]
+    assert "not a readable audio file" in res["data"]["failed"][0]["error"]
+    assert res["data"]["by_task"] == {"sound": 2, "music": 2, "speech": 2}
+    assert res["source"]["layers"] == [0, 1] and res["per_layer"]["marked"] == [0, 1]
+
+    pl, rpl = res["per_layer"], ref["per_layer"]
+    for key in ("norm_mean", "norm_sd", "relative_norm_mean", "cos_direction_mean", "consistency"):
+        close_lists(pl[key], rpl["all"][key])
+        for t in ("sound", "music", "speech"):
+            close_lists(pl["by_task"][t][key], rpl[t][key])
+
+    for g in ("all", "sound", "music", "speech"):
+        assert set(LN.LENSES) <= set(res["lens"][g])
+        for kind in LN.LENSES:
+            rv = ref["lens"][g][kind]
+            for side, order in (("promoted", -1), ("demoted", 1)):
+                rows = res["lens"][g][kind][side]
+                ids = [r["id"] for r in rows]
+                close([r["value"] for r in rows], rv[ids])  # the values at the ids we report
+                close([r["value"] for r in rows], np.sort(rv)[::order][:k])  # and they are the top k
+                assert rows[0]["token"] == processor.tokenizer.decode([ids[0]])
+
+    tk, rtk = res["tasks"], ref["tasks"]
+    assert tk["tasks"] == rtk["tasks"] == ["sound", "music", "speech"]
+    for key in ("mean_direction_cosine", "item_cosine", "item_cosine_all", "item_cosine_across"):
+        close_lists(tk[key], rtk[key])
+    close_lists([tk["cos_to_overall_mean"][t] for t in tk["tasks"]],
+                [rtk["cos_to_overall_mean"][t] for t in tk["tasks"]])
+    dr = res["direction"]
+    close(dr["mean_direction_norm"], ref["mean_direction_norm"])
+    close(dr["item_norm_mean"], ref["item_norm_mean"])
+    close(dr["final_norm_mean"], ref["final_norm_mean"])
+    close(dr["applied_relative_norm_mean"], ref["applied_relative_norm_mean"])
+
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == sorted(res["files"])
+    back = json.loads((out / "inspect.json").read_text(), parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    assert back["lens"]["all"]["direct"]["promoted"][0]["id"] == res["lens"]["all"]["direct"]["promoted"][0]["id"]
+    for png in ("layers.png", "consistency.png", "tasks.png"):
+        assert (out / png).read_bytes()[:8] == PNG_MAGIC
+    text = (out / "inspect.txt").read_text()
+    assert "per layer" in text and "task cosines" in text and "bad" in text
+
+
+def test_fixed_vector_with_and_without_data(tiny_gqa, data, tmp_path):
+    from mlx_listen.convert.reference import inspect_reference
+
+    root, _, items, ref_items = data
+    model, processor = tiny_gqa.mlx
+    hidden, n_layers = model.config.text_config.hidden_size, len(model.layers)
+    v = np.random.default_rng(5).standard_normal(hidden).astype(np.float32)
+    path = tmp_path / "v.safetensors"
+    save_vector(path, v, apply_layer=n_layers - 1, hidden_size=hidden, meta={"layers": [1], "coeff": 2.0})
+
+    # no data: the direct lens alone
+    bare = LN.inspect_direction(model, processor, vector=path, top_k=5)
+    assert set(bare["lens"]) == {"all"} and set(bare["lens"]["all"]) == {"direct", "n"}
+    assert bare["per_layer"] is None and bare["tasks"] is None and bare["data"] is None
+    assert bare["source"]["alpha"] == 2.0 and bare["source"]["layers"] == [1]
+    direct = LN.lens_vectors(model, v)["direct"]
+    assert [r["id"] for r in bare["lens"]["all"]["direct"]["promoted"]] == list(np.argsort(-direct)[:5])
+
+    # with data: state-dependent lenses per task (the direct one is task-free), d(x) over the file's L*;
+    # one music and one speech item, so their within-task cosines are undefined (None)
+    keep = ("s1", "s2", "m1", "p1")
+    good = [it for it in items if it["id"] in keep]
+    refs = [r for it, r in zip([it for it in items if it["id"] != "bad"], ref_items) if it["id"] in keep]
+    with norm_weight(tiny_gqa, seed=2):
+        res = LN.inspect_direction(model, processor, vector=path, items=good, audio_dir=root, top_k=6)
+        ref = inspect_reference(tiny_gqa.hf_model, tiny_gqa.hf_processor, refs, layers=[1], alpha=2.0, vector=v)
+    assert res["tasks"]["item_cosine"][1][1] is None and res["tasks"]["item_cosine"][0][0] is not None
+    assert set(res["lens"]["sound"]) >= {"jacobian", "exact"} and "direct" not in res["lens"]["sound"]
+    for g in ("all", "music"):
+        for kind in ("jacobian", "exact"):
+            rows = res["lens"][g][kind]["promoted"]
+            close([r["value"] for r in rows], ref["lens"][g][kind][[r["id"] for r in rows]])
+    close_lists(res["per_layer"]["cos_direction_mean"], ref["per_layer"]["all"]["cos_direction_mean"])
+    close_lists(res["tasks"]["item_cosine"], ref["tasks"]["item_cosine"])
+    mean_d = ref["directions"].mean(0)
+    close(res["direction"]["vector_cos_mean_direction"], v @ mean_d / (np.linalg.norm(v) * np.linalg.norm(mean_d)))
+    assert res["per_layer"]["marked"] == [1]
+
+    # a vector without L*: per-layer contrast still, no per-input directions
+    res = LN.inspect_direction(model, processor, vector=v, items=good[:1], audio_dir=root, top_k=3)
+    assert res["per_layer"] is not None and res["tasks"] is None and res["notes"]
+
+
+def test_planted_token_ranks_first(tiny_gqa):
+    """d with w ⊙ d = the largest-norm lm_head row W_t: by Cauchy-Schwarz lm_head(w ⊙ d) peaks at t,
+    and -d puts t at the bottom."""
+    model, processor = tiny_gqa.mlx
+    W = np.array(model.language_model.lm_head.weight, np.float64)
+    t = int(np.argmax(np.linalg.norm(W, axis=1)))
+    with norm_weight(tiny_gqa, seed=3) as w:
+        d = (W[t] / w).astype(np.float32)
+        up = LN.inspect_direction(model, processor, vector=d, top_k=3)["lens"]["all"]["direct"]
+        down = LN.inspect_direction(model, processor, vector=-d, top_k=3)["lens"]["all"]["direct"]
+    assert up["promoted"][0]["id"] == t and down["demoted"][0]["id"] == t
+    assert up["promoted"][0]["value"] == pytest.approx(np.linalg.norm(W[t]) ** 2, rel=1e-4)
+    assert up["promoted"][0]["value"] > up["promoted"][1]["value"]
+
+
+# -- cosines on hand-built directions --------------------------------------------------------------
+
+def test_task_cosines_on_hand_built_directions():
+    e = np.eye(4)
+    st = LN.DirectionStats(n_layers=1, hidden=4)
+    dirs = {"sound": [e[0], 2 * e[0]], "music": [e[1], e[1] + 0 * e[2]], "speech": [-e[0], e[2]]}
+    for task, ds in dirs.items():
+        for i, d in enumerate(ds):
+            st.add(f"{task}{i}", task, diffs=d[None], d=d, applied=d)
+    tk = st.task_consistency()
+    assert tk["tasks"] == ["sound", "music", "speech"]
+    # per-item: sound pairs cos 1, music 1, speech (−e0, e2) 0; sound x speech (1·-1 + 0 + 2·-1 / 2 ... ) by hand
+    want_items = [[1.0, 0.0, -0.5], [0.0, 1.0, 0.0], [-0.5, 0.0, 0.0]]
+    close_lists(tk["item_cosine"], want_items)
+    # mean directions: sound 1.5 e0, music e1, speech (−e0 + e2)/2
+    s2 = 1 / np.sqrt(2)
+    close_lists(tk["mean_direction_cosine"], [[1, 0, -s2], [0, 1, 0], [-s2, 0, 1]])
+    # across = mean over the 12 cross pairs: sound-speech 4 pairs sum -2, others 0
+    assert tk["item_cosine_across"] == pytest.approx(-2 / 12)
+    # all 15 pairs: 1 + 1 + 0 (within) - 2 (across)
+    assert tk["item_cosine_all"] == pytest.approx(0 / 15)
+    assert st.per_layer()["consistency"][0] == pytest.approx(0.0)
+
+
+def test_streaming_cosines_equal_brute_force():
+    rng = np.random.default_rng(0)
+    tasks = ["sound"] * 5 + ["music"] * 3 + ["speech"] * 1
+    X = rng.standard_normal((9, 2, 6)) + np.array([1.0, 0, 0, 0, 0, 0])
+    st = LN.DirectionStats(n_layers=2, hidden=6)
+    for i, (t, x) in enumerate(zip(tasks, X)):
+        st.add(str(i), t, diffs=x, d=x.mean(0), applied=x.mean(0))
+    D = X.mean(1)
+    U = D / np.linalg.norm(D, axis=1, keepdims=True)
+    G = U @ U.T
+    idx = {t: [i for i, x in enumerate(tasks) if x == t] for t in ("sound", "music", "speech")}
+    tk = st.task_consistency()
+    for a, ta in enumerate(tk["tasks"]):
+        for b, tb in enumerate(tk["tasks"]):
+            block = G[np.ix_(idx[ta], idx[tb])]
+            if ta == tb:
+                n = len(idx[ta])
+                want = (block.sum() - n) / (n * (n - 1)) if n > 1 else None
+            else:
+                want = block.mean()
+            close_lists([tk["item_cosine"][a][b]], [want], 1e-12)
+    assert tk["item_cosine"][2][2] is None  # one speech item: no within-task pair
+    L1 = X[:, 1] / np.linalg.norm(X[:, 1], axis=1, keepdims=True)
+    assert st.per_layer()["consistency"][1] == pytest.approx(((L1 @ L1.T).sum() - 9) / 72, abs=1e-12)
+
+
+# -- inputs -------------------------------------------------------------------------------------------
+
+def test_bad_inputs_are_one_line_errors(tiny_gqa, data, tmp_path):
+    root, _, items, _ = data
+    model, processor = tiny_gqa.mlx
+    heads = HeadSet([(0, 1)])
+    with pytest.raises(ListenError, match="per input"):
+        LN.inspect_direction(model, processor, headset=heads)
+    with pytest.raises(ListenError, match="no item could be used"):
+        LN.inspect_direction(model, processor, headset=heads, items=[it for it in items if it["id"] == "bad"],
+                             audio_dir=root)
+    with pytest.raises(ListenError, match="exactly one"):
+        LN.inspect_direction(model, processor, headset=heads, vector=np.zeros(4))
+    with pytest.raises(ListenError, match="do not exist"):
+        LN.inspect_direction(model, processor, headset=HeadSet([(9, 0)]), items=items, audio_dir=root)
+    hs = tmp_path / "HEADS.json"
+    heads.save(hs)
+    assert LN.read_source(hs)[0].heads == [(0, 1)]
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 40)
+    with pytest.raises(ListenError, match="neither a HEADS.json"):
+        LN.read_source(junk)
