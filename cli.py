@@ -388,10 +388,14 @@ def parity(bundle, model, as_json):
 @click.option("--listen", "listen_path", type=FILE, default=None,
               help="HEADS.json: record the listening score at every answer token in each row.")
 @FORCE
+@click.option("--score", "score_mode", type=click.Choice(["generate", "logprob", "both"]), default="generate",
+              show_default=True, help="generate: greedy answers, official string match. logprob: each choice's "
+              "log-prob in the prompt's answer format (<answer>choice</answer>; the choice text for --prompt mmau), "
+              "the best one is the answer. both: both from one prefill (the generated answer is model_output).")
 @click.pass_context
 def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, skip_missing,  # noqa: A001
          steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer, ablate, ablate_mode,
-         ablate_audio, ablate_means, ablate_controls, compare, listen_path, force):
+         ablate_audio, ablate_means, ablate_controls, compare, listen_path, force, score_mode):
     """Evaluate on MMAU (greedy, official scoring); rerun the same command to resume.
 
     \b
@@ -429,12 +433,16 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
     listen_heads = list(HeadSet.load(listen_path).heads) if listen_path else []
     spec = EvalSpec(data, audio_dir, model, out, limit=limit, tasks=tasks, prompt=prompt, max_tokens=max_tokens,
                     skip_missing=skip_missing, conditions=conditions, listen_heads=listen_heads,
-                    bindings=_bindings(steer_path, vector_path, listen_path, ablate), force=force)
+                    bindings=_bindings(steer_path, vector_path, listen_path, ablate), force=force, score=score_mode)
     reports = run_eval(spec)
     for cond in spec.conditions:
         if cond.name in reports:
             click.echo(f"== {cond.name}: {spec.dir_for(cond)}")
             click.echo(reports[cond.name].table())
+            if score_mode != "generate":
+                from mlx_listen.scoring import summary_line
+
+                click.echo(summary_line(getattr(reports[cond.name], "logprob", None)))
     if compare and reports:
         a = spec.dir_for(conditions[0])
         for cond in conditions[1:]:
@@ -529,7 +537,10 @@ def attention(clip, question, model, json_out, heads_path, png, system):
               help="Head scores: the paper's pooled Pearson r, or within task with clip length partialled out.")
 @click.option("--n-perm", type=click.IntRange(min=20), default=200, show_default=True,
               help="Permutations of the head-score null.")
-def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens, center, n_perm):
+@click.option("--target", type=click.Choice(["correct", "margin"]), default="correct", show_default=True,
+              help="What the audio mass is correlated with: the greedy answer's correctness, or the correct "
+              "option's log-prob margin over the best other (continuous; scores every choice's answer too).")
+def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens, center, n_perm, target):
     """Find the audio-specialist heads on a calibration set (resumable; rerun to continue).
 
     Writes HEADS.json, HEADS.csv (every head's score), HEADS.scores.png, HEADS.listening.png and
@@ -540,7 +551,7 @@ def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens, cente
     if not out.parent.is_dir():
         raise click.BadParameter(f"the folder {out.parent} does not exist", param_hint="--out")
     hs, rows = discover(model, data, audio_dir, out, k=k, limit=limit, seed=seed, prompt=prompt, max_tokens=max_tokens,
-                        center=center, n_perm=n_perm)
+                        center=center, n_perm=n_perm, target=target)
     good, failed = usable(rows)
     null, freq = hs.meta["null"], hs.meta["stability"]["frequency"]
     click.echo(f"{len(good)} items, accuracy {hs.meta['accuracy']:.1%}; top {len(hs.heads)} heads "

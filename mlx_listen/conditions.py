@@ -23,6 +23,7 @@ import numpy as np
 
 from .generate import Answer, Decoded, Prefill, Row, decode, detokenize, prefill
 from .prompt import Prompt
+from .scoring import score_options
 from .steering import Silence, SteerConfig, Steerer
 
 
@@ -48,6 +49,15 @@ def steered(config: SteerConfig, name: str = "steered", settings: dict | None = 
     return Condition(name, steer=config, settings=dict(settings or {}))
 
 
+@dataclass
+class Response:
+    """One condition's result for one prompt: its greedy answer and/or each option's log-prob."""
+
+    answer: Answer | None = None  # None when only scoring
+    logprobs: np.ndarray | None = None  # (n_options,) float64, when options were given
+    timing: dict = field(default_factory=dict)  # seconds of the shared work (prefill, silence, decode, score, batch)
+
+
 class Answerer:
     """Greedy answers to prompts under `conditions`, for one model (see the module docstring)."""
 
@@ -68,15 +78,27 @@ class Answerer:
 
     def __call__(self, prompt: Prompt, only: Sequence[str] | None = None) -> dict[str, Answer]:
         """Answers by condition name (`only`: a subset, e.g. what a resumed run still lacks)."""
+        return {name: r.answer for name, r in self.respond(prompt, only=only).items()}
+
+    def score(self, prompt: Prompt, options: Sequence[Sequence[int]],
+              only: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """Each option's log-prob (n_options,) by condition name, without answering."""
+        return {name: r.logprobs for name, r in self.respond(prompt, options, only=only, generate=False).items()}
+
+    def respond(self, prompt: Prompt, options: Sequence[Sequence[int]] | None = None,
+                only: Sequence[str] | None = None, generate: bool = True) -> dict[str, Response]:
+        """Greedy answers (`generate`) and/or each option's log-prob (`options`: token ids per option,
+        `scoring.option_ids`) by condition name. Both come from the same prefills: one for every
+        condition that edits only the last block's output, one per other condition inside its hooks."""
         want = set(only) if only is not None else {c.name for c in self.conditions}
         shared = [c for c in self._shared if c.name in want]
         own = [c for c in self.conditions if c.name in want and c not in self._shared]
-        out = self._answer_shared(prompt, shared) if shared else {}
+        out = self._respond_shared(prompt, shared, options, generate) if shared else {}
         for c in own:
-            out[c.name] = self._answer_own(prompt, c)
+            out[c.name] = self._respond_own(prompt, c, options, generate)
         return {c.name: out[c.name] for c in self.conditions if c.name in out}
 
-    def _answer_shared(self, prompt: Prompt, conds: list[Condition]) -> dict[str, Answer]:
+    def _respond_shared(self, prompt: Prompt, conds: list[Condition], options, generate: bool) -> dict[str, Response]:
         steer = [c.steer for c in conds if c.steer is not None]
         per_input = sorted({l for s in steer if s.vector is None for l in s.layers})
         need_mass = self.audio_mass or any(s.strength == "listening" for s in steer)
@@ -94,24 +116,41 @@ class Answerer:
                 delta = self.steerers[c.name].delta(pre.resid, silence, pre.final, pre.audio_mass)
                 rows.append(Row(delta, every_step=c.steer.at == "all"))
         mx.eval([r.delta for r in rows if r.delta is not None])
-        tic = time.perf_counter()
-        decoded = decode(self.model, self.processor, pre, rows, self.max_tokens, listen_heads=self.listen_heads)
-        timing = {"prefill": pre.seconds, "silence": silence_s, "decode": time.perf_counter() - tic,
-                  "batch": len(conds)}
-        return {c.name: self._answer(prompt, pre, d, timing) for c, d in zip(conds, decoded)}
+        logprobs, score_s, decoded, decode_s = None, 0.0, [None] * len(conds), 0.0
+        if options is not None:  # every condition's option log-probs from one batched forward
+            tic = time.perf_counter()
+            logprobs = score_options(self.model, pre, options, rows)
+            score_s = time.perf_counter() - tic
+        if generate:
+            tic = time.perf_counter()
+            decoded = decode(self.model, self.processor, pre, rows, self.max_tokens, listen_heads=self.listen_heads)
+            decode_s = time.perf_counter() - tic
+        timing = {"prefill": pre.seconds, "silence": silence_s, "decode": decode_s,
+                  **({"score": score_s} if options is not None else {}), "batch": len(conds)}
+        return {c.name: Response(self._answer(prompt, pre, d, timing) if d is not None else None,
+                                 logprobs[i] if logprobs is not None else None, timing)
+                for i, (c, d) in enumerate(zip(conds, decoded))}
 
-    def _answer_own(self, prompt: Prompt, cond: Condition) -> Answer:
+    def _respond_own(self, prompt: Prompt, cond: Condition, options, generate: bool) -> Response:
         if cond.steer is not None:
             ctx = self.steerers[cond.name].applied(prompt)
         else:
             ctx = cond.intervene(self.model, prompt) if cond.intervene else nullcontext()
-        with ctx:
+        decoded, logprobs, score_s, decode_s = None, None, 0.0, 0.0
+        with ctx:  # the condition's hooks act on the prefill, on the continuations and on the decode
             pre = prefill(self.model, prompt, audio_mass=self.audio_mass)
-            tic = time.perf_counter()
-            decoded = decode(self.model, self.processor, pre, [Row()], self.max_tokens,
-                             listen_heads=self.listen_heads)[0]
-        timing = {"prefill": pre.seconds, "silence": 0.0, "decode": time.perf_counter() - tic, "batch": 1}
-        return self._answer(prompt, pre, decoded, timing)
+            if options is not None:
+                tic = time.perf_counter()
+                logprobs = score_options(self.model, pre, options)[0]
+                score_s = time.perf_counter() - tic
+            if generate:
+                tic = time.perf_counter()
+                decoded = decode(self.model, self.processor, pre, [Row()], self.max_tokens,
+                                 listen_heads=self.listen_heads)[0]
+                decode_s = time.perf_counter() - tic
+        timing = {"prefill": pre.seconds, "silence": 0.0, "decode": decode_s,
+                  **({"score": score_s} if options is not None else {}), "batch": 1}
+        return Response(self._answer(prompt, pre, decoded, timing) if decoded is not None else None, logprobs, timing)
 
     def _answer(self, prompt: Prompt, pre: Prefill, d: Decoded, timing: dict) -> Answer:
         n_gen = len(d.tokens) + (d.finish_reason == "stop")

@@ -30,7 +30,7 @@ import mlx.core as mx
 import soundfile as sf
 from tqdm import tqdm
 
-from . import __version__, mmau
+from . import __version__, mmau, scoring
 from .audio import audio_features, load_audio
 from .conditions import Answerer, Condition, baseline
 from .errors import AudioWarning, ListenError, ListenWarning
@@ -56,6 +56,7 @@ class EvalSpec:
     conditions: list[Condition] = field(default_factory=lambda: [baseline()])
     ids: set[str] | None = None  # only these items (e.g. one fold of an experiment)
     listen_heads: list[tuple[int, int]] = field(default_factory=list)  # record the listening score per token
+    score: str = "generate"  # "generate": greedy answers; "logprob": the best choice by log-prob answers; "both"
     bindings: list[tuple[str, dict]] = field(default_factory=list)  # (label, meta) of head sets / vectors used
     force: bool = False  # use a head set or vector bound to another model or prompt (recorded)
     warnings: list[str] = field(default_factory=list, repr=False)  # what the run found to warn about
@@ -101,7 +102,8 @@ def identity(spec: EvalSpec, fingerprint: str) -> dict:
     return {"model_fingerprint": fingerprint, "prompt": mmau.ALIASES.get(spec.prompt, spec.prompt),
             "max_tokens": spec.max_tokens, "data_sha256": mmau.file_sha256(spec.data),
             "conditions": {c.name: c.describe() for c in spec.conditions},
-            "listen_heads": [list(h) for h in spec.listen_heads], "forced": spec.force}
+            "listen_heads": [list(h) for h in spec.listen_heads], "forced": spec.force,
+            "score": spec.score if spec.score != "generate" else None}  # None: runs from before --score match
 
 
 def done_ids(cdir: Path, repair: bool) -> set[str]:
@@ -133,6 +135,27 @@ def prediction_row(item: dict, ans, cond: Condition, seconds: dict, *, prompt: s
         row["listening"] = ans.listening
         row["listening_tokens"] = [round(x, 6) for x in ans.listening_tokens or []]
     return row
+
+
+def logprob_row(item: dict, prompt, logprobs, cond: Condition, seconds: dict, timing: dict, *, preset: str,
+                rank: int | None = None) -> dict:
+    """An item answered by option log-probs alone: the best-scoring choice is the answer the official
+    scorer reads (so predictions.json and `eval score` score it)."""
+    best = scoring.choice(logprobs)
+    chosen = item["choices"][best]
+    return {
+        **item,
+        "prompt": preset,
+        **({"rank": rank} if rank is not None else {}),
+        "model_output": chosen,
+        "model_prediction": chosen,
+        "correct": mmau.string_match(item["answer"], chosen, item["choices"]),
+        "choice": best,
+        "condition": cond.name,
+        "audio_tokens": prompt.n_audio_tokens,
+        "prompt_tokens": len(prompt.ids),
+        "seconds": {**seconds, **timing},
+    }
 
 
 def failed_row(item: dict, cond: Condition, error: Exception, *, prompt: str, rank: int | None = None) -> dict:
@@ -209,6 +232,8 @@ def _answer_items(spec: EvalSpec, items: list[dict], rank: int, size: int, progr
                 tic = time.perf_counter()
                 feats = audio_features(audio, item["audio_id"])
             prompt = prepare(model, processor, [feats], mmau.build_prompt(item, spec.prompt))
+            options = (scoring.option_ids(processor, prompt, item["choices"], spec.prompt)
+                       if spec.score != "generate" else None)
         except ListenError as e:  # this item's audio is unusable: record it, go on
             for c in conds:
                 append_jsonl(spec.dir_for(c) / f"predictions{suffix}.jsonl",
@@ -218,9 +243,15 @@ def _answer_items(spec: EvalSpec, items: list[dict], rank: int, size: int, progr
         seconds = {"audio_load": load_s, "features": max(time.perf_counter() - tic - prompt.encode_seconds, 0.0),
                    "encoder": prompt.encode_seconds}
         facts = {**feats.to_dict(), **({"warnings": [str(w.message) for w in caught]} if caught else {})}
-        answers = answer(prompt, only=[c.name for c in conds])
+        responses = answer.respond(prompt, options, only=[c.name for c in conds], generate=spec.score != "logprob")
         for c in conds:
-            row = prediction_row(item, answers[c.name], c, seconds, prompt=spec.prompt, rank=rank_tag)
+            r = responses[c.name]
+            if r.answer is not None:
+                row = prediction_row(item, r.answer, c, seconds, prompt=spec.prompt, rank=rank_tag)
+            else:
+                row = logprob_row(item, prompt, r.logprobs, c, seconds, r.timing, preset=spec.prompt, rank=rank_tag)
+            if r.logprobs is not None:
+                row.update(scoring.row_fields(item, r.logprobs))
             append_jsonl(spec.dir_for(c) / f"predictions{suffix}.jsonl", {**row, **facts})
 
 
@@ -253,6 +284,7 @@ def finish(spec: EvalSpec, cond: Condition, items: list[dict], missing: list[str
         **report.to_dict(),
         "condition": cond.name, "settings": cond.describe(),
         "model": spec.model, "prompt": spec.prompt, "max_tokens": spec.max_tokens, "decoding": "greedy",
+        "score": spec.score, **({"logprob": scoring.summary(answered)} if spec.score != "generate" else {}),
         "data": str(spec.data), "data_sha256": mmau.file_sha256(spec.data),
         "tasks": list(spec.tasks), "limit": spec.limit,
         "missing_audio": missing, "n_missing_audio": len(missing),
@@ -270,11 +302,13 @@ def finish(spec: EvalSpec, cond: Condition, items: list[dict], missing: list[str
                       f"30 s used); {summary['damaged_clips']} damaged (see audio_damage in {PRED_FILE})",
                       ListenWarning, stacklevel=2)
     report.failed = failed
+    report.logprob = summary.get("logprob")  # log-prob accuracy and margins, for the terminal
     return report
 
 
 def _timing(rows: list[dict]) -> dict:
     keys = ["audio_load", "features", "encoder", "prefill", "silence", "decode"]
+    keys += ["score"] if any("score" in r["seconds"] for r in rows) else []
     tot = {k: sum(r["seconds"].get(k, 0.0) for r in rows) for k in keys}
     n = max(len(rows), 1)
     total = sum(tot.values())  # the work of the whole item, shared by every condition answered with it

@@ -27,7 +27,7 @@ from typing import Sequence
 import numpy as np
 from tqdm import tqdm
 
-from . import mmau, stats
+from . import mmau, scoring, stats
 from .capture import AUDIO_MASS, run_with_cache
 from .conditions import Answerer, baseline
 from .errors import ListenError, ListenWarning
@@ -131,8 +131,9 @@ def answer_with_mass(answerer: Answerer, prompt) -> tuple:
 
 
 def calibrate(model, processor, items: Sequence[dict], audio_dir: Path, records: Path, prompt_preset: str,
-              max_tokens: int = 256, progress: bool = True) -> list[dict]:
-    """Per-item records (correctness, audio mass at T), resuming from `records` (JSONL)."""
+              max_tokens: int = 256, progress: bool = True, margin: bool = False) -> list[dict]:
+    """Per-item records (correctness, audio mass at T), resuming from `records` (JSONL); `margin`:
+    also each choice's log-prob and the correct option's margin, from the answer's own prefill."""
     answer = Answerer(model, processor, [baseline()], max_tokens=max_tokens, audio_mass=True)
     done = {r["id"]: r for r in read_jsonl(records, repair=True)}
     todo = [it for it in items if it["id"] not in done]
@@ -140,15 +141,22 @@ def calibrate(model, processor, items: Sequence[dict], audio_dir: Path, records:
         tic = time.perf_counter()
         try:
             prompt = prepare(model, processor, [Path(audio_dir) / item["audio_id"]], mmau.build_prompt(item, prompt_preset))
+            options = scoring.option_ids(processor, prompt, item["choices"], prompt_preset) if margin else None
         except ListenError as e:
             row = failed_row(item, e)
         else:
-            ans, mass = answer_with_mass(answer, prompt)
+            if options is not None:  # the answer and the options' log-probs from one prefill
+                r = answer.respond(prompt, options)["base"]
+                ans, mass, logprobs = r.answer, r.answer.audio_mass, r.logprobs
+            else:
+                (ans, mass), logprobs = answer_with_mass(answer, prompt), None
             extracted, parsed = mmau.extract_answer(ans.text)
             row = {"id": item["id"], "task": item["task"], "answer": extracted, "parsed": parsed,
                    "correct": mmau.string_match(item["answer"], extracted, item["choices"]),
                    "audio_tokens": prompt.n_audio_tokens, "seconds": round(time.perf_counter() - tic, 4),
                    "audio_mass": np.round(mass.astype(np.float64), 7).tolist()}
+            if logprobs is not None:
+                row.update(scoring.row_fields(item, logprobs))
         append_jsonl(records, row)
         done[item["id"]] = row
     return [done[it["id"]] for it in items if it["id"] in done]
@@ -159,17 +167,29 @@ def usable(rows: list[dict]) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "error" not in r], [r for r in rows if "error" in r]
 
 
+TARGETS = ("correct", "margin")
+
+
 def find_heads(rows: list[dict], k: int, meta: dict, *, center: str = "none", n_perm: int = 200, n_boot: int = 200,
-               seed: int = 0) -> HeadSet:
+               seed: int = 0, target: str = "correct") -> HeadSet:
     """The top-k heads of the calibration records, with what a reader needs to trust them: a
     permutation null for the top-k r (correctness shuffled within task), bootstrap stability, and
     the overlap with the head set of the other centering (pooled Pearson vs within task with the
     clip length partialled out)."""
     rows, _ = usable(rows)
+    if target not in TARGETS:
+        raise ListenError(f"the head-score target must be one of {TARGETS}, not {target!r}")
+    if target == "margin":  # the correct option's log-prob margin (scoring.margin), a continuous target
+        lacking = [r["id"] for r in rows if "margin" not in r]
+        if lacking:
+            raise ListenError(f"{len(lacking)} calibration records have no margin (e.g. {lacking[0]}): they were made "
+                              "without --target margin; use another --out")
+        rows = [r for r in rows if r["margin"] is not None and math.isfinite(r["margin"])]  # one-choice items: none
     if not rows:
         raise ListenError("no calibration items: head scores need labelled items with both outcomes")
     mass = np.array([r["audio_mass"] for r in rows], np.float64)
     correct = np.array([r["correct"] for r in rows], bool)
+    y = np.array([r["margin"] for r in rows], np.float64) if target == "margin" else correct
     tasks = [r["task"] for r in rows] if all("task" in r for r in rows) else None
     cov = stats.length_covariate([r["audio_tokens"] for r in rows]) if all("audio_tokens" in r for r in rows) else None
     if center == "task" and tasks is None:
@@ -178,20 +198,20 @@ def find_heads(rows: list[dict], k: int, meta: dict, *, center: str = "none", n_
     def kw(c):
         return dict(center=c, tasks=tasks, covariates=cov if c == "task" else None)
 
-    scores = stats.head_scores(mass, correct, **kw(center))
+    scores = stats.head_scores(mass, y, **kw(center))
     top = stats.top_k(scores, k)
     heads = [tuple(h) for h in top.heads]
     if top.nonpositive:
         warnings.warn(f"{len(top.nonpositive)} of the top {k} heads have r <= 0 ({top.nonpositive[:3]}…): fewer than "
                       f"{k} heads track correctness at all", ListenWarning, stacklevel=2)
-    null = stats.permutation_null(mass, correct, k=k, n_perm=n_perm, seed=seed, **kw(center))
-    freq = stats.bootstrap_stability(mass, correct, k=k, n_boot=n_boot, seed=seed, **kw(center))
+    null = stats.permutation_null(mass, y, k=k, n_perm=n_perm, seed=seed, **kw(center))
+    freq = stats.bootstrap_stability(mass, y, k=k, n_boot=n_boot, seed=seed, **kw(center))
     other = "task" if center == "none" else "none"
-    other_heads = stats.top_k(stats.head_scores(mass, correct, **kw(other)), k).heads if tasks is not None else []
+    other_heads = stats.top_k(stats.head_scores(mass, y, **kw(other)), k).heads if tasks is not None else []
     listening_mean = float(np.mean([HeadSet(heads).listening(m) for m in mass]))  # L̄, for strength scaling
     return HeadSet(heads, scores, {
         **meta, "n_items": len(rows), "accuracy": float(correct.mean()), "listening_mean": listening_mean,
-        "criterion": "correctness", "center": center,
+        "criterion": "correct-option log-prob margin" if target == "margin" else "correctness", "center": center,
         "score": "Pearson r" if center == "none" else "partial r within task, log clip length partialled out",
         "query": "last prompt token", "audio_span": "<|AUDIO|> positions", "mass": "sum",
         "calibration_ids": [r["id"] for r in rows if "id" in r],
@@ -330,7 +350,8 @@ def _identity(model_path, data: Path, prompt: str, max_tokens: int) -> dict:
 
 def discover(model_path, data: Path, audio_dir: Path, out: Path, *, k: int = 20, limit: int | None = None,
              seed: int = 0, prompt: str = mmau.DEFAULT_PRESET, max_tokens: int = 256, center: str = "none",
-             n_perm: int = 200, n_boot: int = 200, progress: bool = True) -> tuple[HeadSet, list[dict]]:
+             n_perm: int = 200, n_boot: int = 200, target: str = "correct",
+             progress: bool = True) -> tuple[HeadSet, list[dict]]:
     """`mlx-listen heads`: the calibration pass (resumable, next to `out`), the top-k heads with
     their null and stability, and HEADS.json with its CSV and plots. HEADS.json records what it
     is bound to: the model's signature, the prompt preset, the data's sha256 and the calibration
@@ -342,12 +363,15 @@ def discover(model_path, data: Path, audio_dir: Path, out: Path, *, k: int = 20,
         raise ListenError(f"--k {k} is more heads than this model has ({n_layers} layers x {n_heads} heads)")
     records = out.with_name(out.stem + ".items.jsonl")
     ident = _identity(model_path, data, prompt, max_tokens)
+    if target == "margin":  # its records hold the option log-probs; records made without keep their identity
+        ident["records"] = "with option log-probs"
     with locked(out.parent, f".{out.name}.lock"):
         claim(records.with_suffix(".meta.json"), ident, extra={"model": str(model_path), "seed": seed})
         model, processor = load(model_path)
-        rows = calibrate(model, processor, items, Path(audio_dir), records, prompt, max_tokens, progress)
+        rows = calibrate(model, processor, items, Path(audio_dir), records, prompt, max_tokens, progress,
+                         margin=target == "margin")
         meta = {"model": str(model_path), **ident, "seed": seed, "model_signature": model_signature(model)}
-        hs = find_heads(rows, k, meta, center=center, n_perm=n_perm, n_boot=n_boot, seed=seed)
+        hs = find_heads(rows, k, meta, center=center, n_perm=n_perm, n_boot=n_boot, seed=seed, target=target)
         hs.save(out)
         write_side_files(hs, usable(rows)[0], out, seed)
     return hs, rows

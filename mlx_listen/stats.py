@@ -119,9 +119,14 @@ def _as_correct(correct, n: int | None = None) -> np.ndarray:
     if c.ndim != 1:
         raise ListenError(f"correctness must be one flag per item, got shape {c.shape}")
     if c.dtype != bool:
-        if not np.isin(c, (0, 1)).all():
+        if np.issubdtype(c.dtype, np.floating) and not np.isin(c, (0, 1)).all():  # a continuous target (margin)
+            if not np.isfinite(c).all():
+                raise ListenError("the calibration target holds NaN or infinite values")
+            c = c.astype(np.float64)
+        elif not np.isin(c, (0, 1)).all():
             raise ListenError("correctness must be 0/1 or boolean")
-        c = c.astype(bool)
+        else:
+            c = c.astype(bool)
     if n is not None and c.size != n:
         raise ListenError(f"{c.size} correctness flags for {n} items")
     return c
@@ -195,6 +200,8 @@ def _prepare(mass, correct, center, tasks, covariates) -> _Prepared:
     c = _as_correct(correct, n)
     if n < 3:
         raise ListenError(f"{n} calibration items: head scores need at least 3")
+    if c.min() == c.max() and c.dtype != bool:
+        raise ListenError("the calibration target has one value on every item: the correlation is undefined")
     if c.min() == c.max():
         raise ListenError(f"every calibration item is {'right' if c[0] else 'wrong'}: the correlation with "
                           "correctness is undefined; use a calibration set with both outcomes")

@@ -97,12 +97,14 @@ class Script:
             return build(item, preset)
 
         class Answerer(evaluate.Answerer):
-            def __call__(self, prompt, only=None):
-                answers = super().__call__(prompt, only)
+            def respond(self, prompt, options=None, only=None, generate=True):
+                responses = super().respond(prompt, options, only, generate)
                 item = script.current
                 script.calls.append(item["id"])
-                return {k: dataclasses.replace(a, text=script.text(item, a.text) if script.rewrite else a.text)
-                        for k, a in answers.items()}
+                if not script.rewrite:
+                    return responses
+                return {k: dataclasses.replace(r, answer=dataclasses.replace(r.answer, text=script.text(item, r.answer.text)))
+                        if r.answer is not None else r for k, r in responses.items()}
 
         mp.setattr(mmau, "build_prompt", build_prompt)
         mp.setattr(evaluate, "Answerer", Answerer)
