@@ -16,17 +16,27 @@ its own prefill, since the edit changes every later layer's keys and values.
 
 from __future__ import annotations
 
+import json
 import re
+import sys
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
+from . import mmau
+from .capture import Capture, Z
+from .conditions import Condition
 from .errors import ListenError
+from .heads import HeadSet
 from .hooks import decoder_point
+from .load import load
+from .prompt import prepare
+from .stats import matched_random_sets
 
 MODES = ("zero", "mean", "scale")
 
@@ -132,8 +142,6 @@ def parse_heads(spec: str, headset_loader=None) -> list[tuple[int, int]]:
     if not path.is_file():
         raise ListenError(f"--ablate takes a HEADS.json file or heads written L.H,L.H (e.g. 3.7,12.0); "
                           f"{spec!r} is neither")
-    from .heads import HeadSet
-
     return list(HeadSet.load(path).heads)
 
 
@@ -156,8 +164,6 @@ def parse_mode(mode: str) -> tuple[str, float]:
 
 def head_means(model, prompts: Sequence, layers: Sequence[int] | None = None) -> dict[int, np.ndarray]:
     """Each head's mean output (hook_z) over every position of `prompts`: {layer: (heads, head_dim)}."""
-    from .capture import Capture, Z
-
     layers = list(range(len(model.layers))) if layers is None else sorted(set(layers))
     total = {l: None for l in layers}
     n = 0
@@ -175,8 +181,6 @@ def head_means(model, prompts: Sequence, layers: Sequence[int] | None = None) ->
 
 
 def save_means(path, means: dict[int, np.ndarray], meta: dict):
-    import json
-
     tmp = Path(path).with_name(f".{Path(path).name}.tmp.safetensors")
     mx.save_safetensors(str(tmp), {f"z_mean.{l}": mx.array(v) for l, v in means.items()},
                         metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()})
@@ -205,31 +209,17 @@ def from_options(spec: str, mode: str = "zero", audio: bool = False, means_file=
 
 def condition(spec: Ablation, name: str = "ablated"):
     """An ablated condition for `conditions.Answerer` / `eval` (its own prefill)."""
-    from .conditions import Condition
-
     return Condition(name, intervene=spec.hooks, settings={"ablation": spec.to_json()})
 
 
 def matched_controls(spec: Ablation, n_layers: int, n_heads: int, n: int, seed: int = 0) -> list[Ablation]:
     """Random head sets matched to `spec` (same heads per layer profile, other heads, other layers),
     ablated the same way: the control for "these heads matter"."""
-    from dataclasses import replace
-
-    from .stats import matched_random_sets
-
     return [replace(spec, heads=hs) for hs in matched_random_sets(spec.heads, n_layers, n_heads, n_sets=n, seed=seed)]
 
 
 def means_from_data(model_path, data, audio_dir, out, *, limit=None, prompt: str = "r1-aqa", progress: bool = True):
     """`mlx-listen ablate means`: `head_means` over a data set's prompts, saved to `out`."""
-    import sys
-
-    from tqdm import tqdm
-
-    from . import mmau
-    from .load import load
-    from .prompt import prepare
-
     items = mmau.load_items(data)[:limit]
     model, processor = load(model_path)
     failed, sizes = [], []

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
+from .config import ModelConfig
 from .mmau import file_sha256 as sha256_file  # noqa: F401  (re-exported for the reference side)
 
 FORMAT = "mlx-listen-reference"
@@ -65,8 +68,6 @@ def sketch(x: np.ndarray) -> np.ndarray:
 
 def config_hash(config: dict) -> str:
     """Hash of the architecture-defining config fields, insensitive to format (4.x/5.x) and dtype."""
-    from .config import ModelConfig
-
     c = ModelConfig.from_dict(config)
     t, a = c.text_config, c.audio_config
     ident = {
@@ -108,8 +109,6 @@ FINGERPRINT_SLICES = LEGACY_FINGERPRINT_SLICES  # the old name (kept for importe
 
 def fingerprint_slices(config: dict) -> dict[str, tuple[slice, ...]]:
     """The tensors (hub names) and blocks a new bundle fingerprints, for a model of this config."""
-    from .config import ModelConfig
-
     c = ModelConfig.from_dict(config)
     t, a = c.text_config, c.audio_config
     block = tuple(slice(0, n) for n in FINGERPRINT_BLOCK)
@@ -162,8 +161,6 @@ class Bundle:
         self.tensors[f"item{i}.{name}"] = np.ascontiguousarray(value)
 
     def save(self, path) -> Path:
-        from safetensors.numpy import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tmp = path / (TENSORS + ".tmp")
@@ -182,9 +179,6 @@ class BundleError(ValueError):
 
 def load_bundle(path) -> Bundle:
     """Read and validate a bundle folder (or its manifest.json)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     path = Path(path)
     if path.name == MANIFEST:
         path = path.parent

@@ -39,8 +39,15 @@ import numpy as np
 from tqdm import tqdm
 
 from . import mmau, stats
+from .ablation import Ablation, condition, parse_mode
+from .conditions import Answerer, baseline, steered
 from .errors import ListenError
+from .evaluate import EvalSpec, audio_problems
+from .load import load, resolve, weights_fingerprint
+from .plots import curve_plot, hist_plot, rank_plot, roc_plot
+from .prompt import prepare
 from .records import append_jsonl, claim, locked, read_jsonl, write_atomic, write_json
+from .steering import SteerConfig, Steerer
 
 BASELINE, SPECIALIST, MEAN = "baseline", "specialist", "mean-vector"
 
@@ -97,20 +104,14 @@ class ModelBackend:
     """The MLX model: base answers, directions and answers under conditions, one item at a time."""
 
     def __init__(self, model_path, audio_dir: Path, settings: Settings):
-        from .load import load
-
         self.model, self.processor = load(model_path)
         self.audio_dir, self.settings = Path(audio_dir), settings
         self.shape = (len(self.model.layers), self.model.config.text_config.num_attention_heads)
-        from .conditions import Answerer, baseline
-
         self._base = Answerer(self.model, self.processor, [baseline()], max_tokens=settings.max_tokens,
                               audio_mass=True)
         self._answerer = (None, None)  # (the condition list it was built for, the Answerer)
 
     def _prompt(self, item):
-        from .prompt import prepare
-
         return prepare(self.model, self.processor, [self.audio_dir / item["audio_id"]],
                        mmau.build_prompt(item, self.settings.prompt))
 
@@ -123,14 +124,10 @@ class ModelBackend:
                 "silence": outcome(item, sil.text)}
 
     def direction(self, item, layers: Sequence[int]) -> np.ndarray:
-        from .steering import SteerConfig, Steerer
-
         st = Steerer(self.model, SteerConfig(layers=list(layers)), self._base.silence)
         return np.array(st.direction(self._prompt(item)))
 
     def answer(self, item, conditions: list) -> dict[str, dict]:
-        from .conditions import Answerer
-
         if self._answerer[0] is not conditions:  # a new stage: a fold's tuning or test conditions
             self._answerer = (conditions, Answerer(self.model, self.processor, conditions,
                                                    max_tokens=self.settings.max_tokens, silence=self._base.silence))
@@ -271,9 +268,6 @@ class Experiment:
             fold.tuning[name] = {"curve": curve, "baseline": base_acc}
 
     def _steer(self, layers_or_vector, alpha: float, name: str):
-        from .conditions import steered
-        from .steering import SteerConfig
-
         if isinstance(layers_or_vector, np.ndarray):
             return steered(SteerConfig(vector=layers_or_vector, alpha=alpha), name)
         return steered(SteerConfig(layers=list(layers_or_vector), alpha=alpha), name)
@@ -293,8 +287,6 @@ class Experiment:
         conds += [self._steer(self._layers(rs), fold.alpha[random_name(i)], random_name(i))
                   for i, rs in enumerate(fold.random_sets)]
         if s.ablate:
-            from .ablation import Ablation, condition, parse_mode
-
             audio = s.ablate_mode == "audio"
             mode, factor = ("zero", 0.0) if audio else parse_mode(s.ablate_mode)
             conds.append(condition(Ablation(fold.heads, mode=mode, factor=factor, audio=audio), "ablate-specialist"))
@@ -467,8 +459,6 @@ def verdict(r: dict) -> list[str]:
 
 def write_report_md(r: dict, out: Path):
     """report.md with its PNGs: the verdict first, then the tables behind it."""
-    from .plots import curve_plot, hist_plot, rank_plot, roc_plot
-
     s = r["settings"]
     md = ["# Experiment report\n", f"{r['n_tested']} of {r['n_items']} items tested, {s['folds']} folds (seed "
           f"{s['seed']}), k = {s['k']}, center = {s['center']}, alphas {s['alphas']}, {s['random_sets']} matched "
@@ -557,9 +547,6 @@ def run_experiment(settings: Settings, data: Path, audio_dir: Path, model, out: 
     if len(items) < 2 * settings.folds:
         raise ListenError(f"{len(items)} items for {settings.folds} folds: use more items")
     if backend is None:  # the model's run (a simulated backend brings its own items and identity)
-        from .evaluate import EvalSpec, audio_problems
-        from .load import resolve, weights_fingerprint
-
         problems = audio_problems(EvalSpec(Path(data), Path(audio_dir), str(model), Path(out)), items)
         if problems:
             shown = ", ".join(f"{a} ({why})" for a, why in problems[:5])

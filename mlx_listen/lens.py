@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -44,7 +45,12 @@ from tqdm import tqdm
 
 from . import mmau
 from .errors import ListenError, ListenWarning
-from .records import write_json
+from .heads import HeadSet
+from .load import load
+from .plots import DPI, curve_plot, heatmap
+from .prompt import prepare
+from .records import write_atomic, write_json
+from .steering import Silence, load_vector, read_residuals
 
 LENSES = ("direct", "jacobian", "exact")
 ALL = "all"
@@ -320,9 +326,6 @@ def _centered_cos(a: np.ndarray, b: np.ndarray) -> float | None:
 
 def read_source(path) -> tuple[object | None, tuple | None]:
     """(HeadSet, None) for a HEADS.json, (None, (vector, apply_layer, metadata)) for a vector file."""
-    from .heads import HeadSet
-    from .steering import load_vector
-
     path = Path(path)
     order = ("heads", "vector") if path.suffix.lower() == ".json" else ("vector", "heads")
     errors = []
@@ -342,8 +345,6 @@ def _vector_layers(md: dict) -> list[int] | None:
         layers = json.loads(raw) if isinstance(raw, str) else raw
         return sorted({int(l) for l in layers})
     except (ValueError, TypeError):
-        import warnings
-
         warnings.warn(f"the vector's 'layers' metadata ({raw!r}) is not a list of layers; ignored", ListenWarning)
         return None
 
@@ -363,10 +364,6 @@ def inspect_direction(model, processor, *, headset=None, vector=None, items: Seq
     out: a folder for inspect.json, inspect.txt and the PNGs (made if missing).
     Returns the JSON-ready dict that inspect.json holds.
     """
-    from .heads import HeadSet
-    from .prompt import prepare
-    from .steering import Silence, load_vector, read_residuals
-
     if (headset is None) == (vector is None):
         raise ListenError("inspect needs exactly one direction: a HEADS.json head set or a vector")
     if top_k < 1:
@@ -409,8 +406,6 @@ def inspect_direction(model, processor, *, headset=None, vector=None, items: Seq
         apply_layer %= n_layers
         read_layers = sorted(set(layers)) if layers is not None else meta_layers
         if apply_layer != n_layers - 1:
-            import warnings
-
             warnings.warn(f"the vector applies at layer {apply_layer}, not before the final norm: the lens shows "
                           "what it would do there, not through the later blocks", ListenWarning)
     bad = [l for l in (read_layers or []) if not 0 <= l < n_layers]
@@ -621,8 +616,6 @@ def write_outputs(res: dict, out: Path):
         files.append("tasks.png")
     res["files"] = files
     write_json(out / "inspect.json", res)
-    from .records import write_atomic
-
     write_atomic(out / "inspect.txt", "\n".join(inspect_lines(res)) + "\n")
 
 
@@ -630,8 +623,6 @@ def _mark_layers(fig, path: Path, marked: Sequence[int]):
     """Shade L* on a saved curve plot and save it again."""
     if not marked:
         return fig
-    from .plots import DPI
-
     ax = fig.axes[0]
     for l in marked:
         ax.axvspan(l - 0.35, l + 0.35, color="0.5", alpha=0.12, lw=0, zorder=0)
@@ -645,8 +636,6 @@ def _layer_title(res, what: str) -> str:
 
 
 def plot_layers(res: dict, path: Path):
-    from .plots import curve_plot
-
     pl = res["per_layer"]
     series = {"all items": pl["norm_mean"]}
     for t, s in pl["by_task"].items():
@@ -661,8 +650,6 @@ def plot_layers(res: dict, path: Path):
 
 
 def plot_consistency(res: dict, path: Path):
-    from .plots import curve_plot
-
     pl = res["per_layer"]
     series = {"relative norm |Δ_l| / |h_l(audio)|": pl["relative_norm_mean"],
               "mean pairwise cosine of Δ_l (all items)": pl["consistency"]}
@@ -675,8 +662,6 @@ def plot_consistency(res: dict, path: Path):
 
 
 def plot_tasks(res: dict, path: Path):
-    from .plots import heatmap
-
     tk = res["tasks"]
     m = np.array([[np.nan if x is None else x for x in row] for row in tk["item_cosine"]])
     names = tk["tasks"]
@@ -688,8 +673,6 @@ def inspect(source_path, model_path, data=None, audio_dir=None, out=None, *, lim
             tasks: Sequence[str] = mmau.TASKS, prompt: str = mmau.DEFAULT_PRESET, top_k: int = 20,
             alpha: float | None = None, progress: bool = True) -> dict:
     """`mlx-listen steer inspect SOURCE`: the files are read and checked before the model loads."""
-    from .load import load
-
     headset, vec = read_source(source_path)
     if headset is not None and data is None:
         raise ListenError(f"{source_path} gives a per-input direction: it needs --data and --audio-dir")

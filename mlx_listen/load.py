@@ -13,6 +13,9 @@ import struct
 from pathlib import Path
 
 import mlx.core as mx
+from huggingface_hub import constants, snapshot_download
+from mlx_lm.utils import load_config, load_tokenizer
+from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .chat import Processor, find_chat_template, messages_for
 from .config import DEFAULT_MODEL, ModelConfig
@@ -32,13 +35,9 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
     repo = str(path_or_repo)
     if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
         raise ModelError(f"model folder {repo} not found (and it is not a hub repo id like Org/Name)")
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(repo, revision=revision, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:  # the hub's errors are many; the user needs one line
-        from huggingface_hub import constants
-
         reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
         # Offline, the advice to go offline is wrong: say what offline means instead.
         hint = ("unset HF_HUB_OFFLINE to download it" if constants.HF_HUB_OFFLINE
@@ -50,8 +49,6 @@ def resolve(path_or_repo: str | Path, revision: str | None = None) -> Path:
 
 
 def read_config(path: Path) -> dict:
-    from mlx_lm.utils import load_config
-
     f = path / "config.json"
     if not f.exists():
         raise ModelError(f"{path} has no config.json: not a model folder")
@@ -92,8 +89,6 @@ def _check_shards(path: Path):
 
 def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
     """mlx-lm's loader (safetensors, quantisation block, strict load) with our classes."""
-    from mlx_lm.utils import load_model as mlx_lm_load_model
-
     config = read_config(path)
     try:
         ModelConfig.from_dict(config)
@@ -126,8 +121,6 @@ def model_shape(path_or_repo: str | Path) -> tuple[int, int]:
 
 
 def load_processor(path: Path, config: dict) -> Processor:
-    from mlx_lm.utils import load_tokenizer
-
     eos = config.get("eos_token_id")
     eos = [eos] if isinstance(eos, int) else eos
     if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():

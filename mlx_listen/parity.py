@@ -17,16 +17,18 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from tqdm import tqdm
 
 from . import identity
 from .audio import audio_features, load_audio
-from .bundle import Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
+from .bundle import QUANTITIES, Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
 from .capture import run_with_cache
 from .chat import messages_for
 from .errors import ListenError
 from .generate import generate
 from .load import load_model, load_processor, model_dtype, resolve
 from .prompt import prepare
+from .steering import SteerConfig, Steerer
 
 FP32_RTOL = 1e-4
 FEATURE_ATOL = 1e-4
@@ -66,8 +68,6 @@ class Report:
         """One line per quantity: the worst item's numbers, and whether every item passed."""
         lines = [f"Parity ({self.mode})",
                  f"{'quantity':<22} {'items':>5} {'max abs':>10} {'max rel':>10} {'min cos':>10}  {'limit':<28} verdict"]
-        from .bundle import QUANTITIES
-
         order = {q: k for k, q in enumerate(QUANTITIES)}
         for q in sorted(dict.fromkeys(r.quantity for r in self.rows), key=lambda q: order.get(q, len(order))):
             rs = [r for r in self.rows if r.quantity == q]
@@ -169,8 +169,6 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
     if max_new_tokens:
         out["greedy_tokens"] = np.array(generate(model, processor, prompt, max_tokens=max_new_tokens).tokens, np.int32)
     if steering := bundle.manifest.get("steering"):
-        from .steering import SteerConfig, Steerer
-
         st = Steerer(model, SteerConfig(layers=steering["layers"], alpha=steering["alpha"], at=steering["at"]))
         out["steer_direction"] = np.array(st.direction(prompt))
         with st.applied(prompt):
@@ -220,10 +218,6 @@ def _judge(q: str, ours, ref, drift, mode: str, bits: int | None) -> Row:
 
 def parity(bundle_path, model_path=None, progress: bool = True) -> Report:
     """Check an MLX model against a reference bundle; raises ListenError when they cannot be compared."""
-    from tqdm import tqdm
-
-    from .bundle import QUANTITIES
-
     try:
         bundle = load_bundle(bundle_path)
     except BundleError as e:

@@ -30,6 +30,8 @@ from . import __version__
 from .audio import HOP_LENGTH, audio_features
 from .capture import AUDIO_MASS, RESID, Capture
 from .errors import ListenError
+from .generate import generate
+from .mmau import file_sha256
 from .prompt import Prompt, with_audio
 
 POSITIONS = ("all", "prompt")
@@ -202,8 +204,6 @@ class Steerer:
 
     def generate(self, processor, prompt: Prompt, **kw):
         """`generate.generate` with the steering applied (alpha 0 adds exact zeros: unchanged output)."""
-        from .generate import generate
-
         with self.applied(prompt):
             return generate(self.model, processor, prompt, **kw)
 
@@ -235,8 +235,6 @@ def steer_config(headset=None, vector_file=None, *, alpha: float | None = None, 
     """The steering of `--steer HEADS.json` (per-input direction over the heads' layers) or
     `--vector FILE` (a fixed direction; HEADS.json then serves only strength "listening"), with
     the settings that identify it in results. `alpha` None: 1, or the vector file's own strength."""
-    from .mmau import file_sha256
-
     if headset is None and vector_file is None:
         raise ListenError("steering needs --steer HEADS.json or --vector FILE")
     if strength == "listening" and headset is None:
