@@ -684,6 +684,78 @@ def steer_inspect(source, model, data, audio_dir, limit, prompt, tasks, top_k, a
 
 
 @main.command()
+@click.argument("args", nargs=-1, metavar="[CLIP QUESTION]")
+@MODEL
+@click.option("--data", type=FILE, default=None, help="MMAU-format JSON: patch every item and average (resumable).")
+@click.option("--audio-dir", type=DIR, default=None, help="Folder the items' audio_id paths are relative to.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N items.")
+@TASKS
+@PROMPT
+@click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: patch.json, patch.groups.png, patch.heads.png (and items.jsonl with --data).")
+@click.option("--tokens", type=click.IntRange(1, 64), default=8, show_default=True,
+              help="CLIP QUESTION: greedy answer tokens compared (the audio run's against the silence run's).")
+@click.option("--head-at", type=click.Choice(["last", "last+prefix"]), default="last", show_default=True,
+              help="Patch each head at the last prompt token, or there and at the answers' shared start (<answer>).")
+@click.option("--min-gap", type=Finite(min=0), default=0.5, show_default=True,
+              help="Items whose audio-silence gap log p(a) - log p(b) is smaller (nats) are flagged, not averaged.")
+@click.option("--first-diff", is_flag=True,
+              help="Score a and b only up to their first differing token (about 3x cheaper head maps).")
+@click.option("--heads", "heads_path", type=FILE, default=None,
+              help="HEADS.json: box the specialist heads on the head map and report what they restore.")
+@click.option("--system", default=None, help="System prompt (CLIP QUESTION).")
+@click.option("--max-rows", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Patches run together in one batch (memory).")
+def patch(args, model, data, audio_dir, limit, tasks, prompt, out, tokens, head_at, min_gap, first_diff, heads_path,
+          system, max_rows):
+    """Activation patching audio -> silence: where does the audio evidence enter?
+
+    The prompt runs with equal-length silence; the audio run's residual stream (per layer over
+    the audio, the text after it, the last prompt token, the answer's shared start) or one head's
+    output at the last token is patched in, and the restored share of log p(a) - log p(b) is
+    mapped (a: the audio run's answer, b: the silence run's).
+
+    \b
+    mlx-listen patch clip.wav "What is making this sound?" --out runs/patch-clip
+    mlx-listen patch --data mmau-test-mini.json --audio-dir MMAU --limit 100 --out runs/patch --heads HEADS.json
+    """
+    if data is None and len(args) != 2:
+        raise click.UsageError("give CLIP and QUESTION, or --data with --audio-dir")
+    if data is not None and args:
+        raise click.UsageError("give CLIP QUESTION or --data, not both")
+    if data is not None and audio_dir is None:
+        raise click.UsageError("--data needs --audio-dir")
+    from mlx_listen.heads import HeadSet
+    from mlx_listen.load import load, resolve, weights_fingerprint
+    from mlx_listen.patching import PatchConfig, patch_lines, patch_run
+    from mlx_listen.prompt import as_features
+
+    heads = HeadSet.load(heads_path) if heads_path else None
+    cfg = PatchConfig(head_at=head_at, tokens=tokens, min_gap=min_gap, first_diff=first_diff, preset=prompt,
+                      max_rows=max_rows)
+    items = identity = clip = question = None
+    if data is not None:
+        items = [it for it in mmau.load_items(data) if it["task"] in tasks][:limit]
+        if not items:
+            raise ListenError(f"no items in {data} for tasks {', '.join(tasks)}")
+        identity = {"model_fingerprint": weights_fingerprint(resolve(model)), "data_sha256": mmau.file_sha256(data)}
+    else:
+        clip, question = as_features(args[0]), args[1]  # bad audio fails before the model loads
+        if Path(question).suffix.lower() in AUDIO_SUFFIXES and Path(question).is_file():
+            warnings.warn(f"the question {question!r} is an audio file; the last argument is the question",
+                          _warning_class())
+    mdl, processor = load(model)
+    if heads:
+        heads.check(len(mdl.layers), mdl.config.text_config.num_attention_heads)
+    marked = heads.heads if heads else ()
+    summary = patch_run(mdl, processor, out, clip=clip, question=question, system=system,
+                        name=args[0] if args else None, items=items, audio_dir=audio_dir, identity=identity,
+                        config=cfg, marked=marked)
+    click.echo("\n".join(patch_lines(summary, marked)))
+    click.echo(f"[INFO] wrote {out / 'patch.json'}" + "".join(f", {out / f}" for f in summary["files"]), err=True)
+
+
+@main.command()
 @data_options()
 @click.option("--out", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Experiment folder (resumable: rerun the same command to continue).")

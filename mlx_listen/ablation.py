@@ -215,6 +215,8 @@ def condition(spec: Ablation, name: str = "ablated"):
 def matched_controls(spec: Ablation, n_layers: int, n_heads: int, n: int, seed: int = 0) -> list[Ablation]:
     """Random head sets matched to `spec` (same heads per layer profile, other heads, other layers),
     ablated the same way: the control for "these heads matter"."""
+    if n == 0:
+        return []
     return [replace(spec, heads=hs) for hs in matched_random_sets(spec.heads, n_layers, n_heads, n_sets=n, seed=seed)]
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import tone
@@ -195,3 +194,37 @@ def test_eval_ablation_conditions_and_matched_controls(tiny_gqa, tmp_path):
     for name in ("ablated", "ablate-random-1"):
         rows = [json.loads(x) for x in (out / name / "predictions.jsonl").read_text().splitlines()]
         assert len(rows) == 4 and all(r["condition"] == name for r in rows)
+
+
+def test_ablating_the_planted_head_flips_the_answer(tmp_path):
+    """The planted model answers "x" with its clip, "y" with silence: `--ablate` of its one head
+    (zero, and audio masking) gives "y"; ablating another head of that layer changes nothing; the
+    answer comes through the eval condition and the command line alike."""
+    import json
+
+    from conftest import invoke, ok
+    from planted import planted_model
+
+    from mlx_listen import mmau
+    from mlx_listen.scoring import option_logprobs
+
+    model, processor, layer, head, info = planted_model(tmp_path)
+    prompt = prepare(model, processor, [info["clip"]], mmau.build_prompt(info["item"], info["preset"]))
+
+    def pick(ablation=None):
+        if ablation is None:
+            return info["choices"][int(np.argmax(option_logprobs(model, processor, prompt, info["choices"], info["preset"])[0]))]
+        with ablation.hooks(model, prompt):
+            return pick()
+
+    assert pick() == "x"
+    assert pick(Ablation([(layer, head)])) == "y"
+    assert pick(Ablation([(layer, head)], audio=True)) == "y"  # the head cannot read the audio any more
+    other = (head + 1) % model.config.text_config.num_attention_heads
+    assert pick(Ablation([(layer, other)])) == "x"
+    out = tmp_path / "run"
+    ok(invoke("eval", "--data", info["data"], "--audio-dir", info["audio_dir"], "--model", info["mlx_path"], "--out",
+              out, "--prompt", info["preset"], "--score", "logprob", "--ablate", f"{layer}.{head}", "--compare"))
+    base = json.loads((out / "predictions.jsonl").read_text().splitlines()[0])
+    abl = json.loads((out / "ablated" / "predictions.jsonl").read_text().splitlines()[0])
+    assert (base["model_output"], abl["model_output"]) == ("x", "y")

@@ -326,3 +326,23 @@ def test_bad_inputs_are_one_line_errors(tiny_gqa, data, tmp_path):
     junk.write_bytes(b"\x00" * 40)
     with pytest.raises(ListenError, match="neither a HEADS.json"):
         LN.read_source(junk)
+
+
+def test_steer_inspect_command(tiny_gqa, tmp_path):
+    import json
+
+    from conftest import invoke, ok
+
+    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.heads import HeadSet
+
+    demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
+    heads = tmp_path / "H.json"
+    HeadSet([(0, 1), (1, 2)]).save(heads)
+    out = tmp_path / "inspect"
+    r = ok(invoke("steer", "inspect", heads, "--data", demo, "--audio-dir", demo.parent, "--model",
+                  tiny_gqa.mlx_path, "--limit", 3, "--out", out))
+    assert json.loads((out / "inspect.json").read_text())
+    assert r.stdout.strip()
+    bad = invoke("steer", "inspect", heads, "--data", demo, "--model", tiny_gqa.mlx_path)
+    assert bad.exit_code == 2 and "go together" in bad.output

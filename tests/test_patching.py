@@ -1,0 +1,250 @@
+"""Activation patching audio -> silence: against PyTorch forward hooks on the tiny models (fp32), the
+fast path against the plain definition, zero-strength edits bit for bit, and a planted head."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import tone
+from planted import planted_model, zero_head
+
+from mlx_listen import mmau
+from mlx_listen.capture import run_with_cache
+from mlx_listen.errors import ListenError, ListenWarning
+from mlx_listen.patching import (
+    GROUPS_PNG,
+    HEADS_PNG,
+    META,
+    RECORDS,
+    SUMMARY,
+    Patch,
+    PatchConfig,
+    Patcher,
+    choose,
+    continuation,
+    continuation_tokens,
+    logp_of,
+    patch_lines,
+    patch_prompt,
+    patch_run,
+    patched_logits,
+    position_groups,
+    shared_prefix,
+    standard_patches,
+)
+from mlx_listen.prompt import prepare
+from mlx_listen.steering import Silence
+
+Q = "Describe the audio."
+A, B = "<answer>dog</answer>", "<answer>cat</answer>"  # byte tokens: 8 shared, then they differ
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    return planted_model(tmp_path_factory.mktemp("planted"))
+
+
+def pair(model, processor, clip=None):
+    prompt = prepare(model, processor, [tone(2.5) if clip is None else clip], Q)
+    return prompt, Silence(model).prompt(prompt)
+
+
+def test_continuations_and_choice_rule(tiny_gqa):
+    assert continuation("r1-aqa", " dog ") == "<answer>dog</answer>"
+    assert continuation("r1aqa_think", "dog") == "<answer>dog</answer>"
+    assert continuation("mmau", "dog") == "dog"
+    with pytest.raises(ListenError, match="preset"):
+        continuation("other", "dog")
+    _, processor = tiny_gqa.mlx
+    seqs = [continuation_tokens(processor, t) for t in (A, B)]
+    assert shared_prefix(seqs) == len("<answer>") and processor.decode(seqs[0]) == A
+    # a: the audio run's best; b: the silence run's best, or the audio run's next when they agree
+    s = [[1], [2], [3]]
+    assert choose(np.array([0.0, -1, -2]), np.array([-3.0, 0, -1]), s) == (0, 1)
+    assert choose(np.array([0.0, -2, -1]), np.array([0.0, -1, -2]), s) == (0, 2)
+    assert choose(np.array([0.0, -2, -1]), np.array([0.0, -1, -2]), [[1], [1], [3]]) == (0, 2)  # same tokens: skip
+    for bad in (dict(groups=("audio", "nope")), dict(head_at="everywhere"), dict(min_gap=-1.0), dict(preset="x")):
+        with pytest.raises(ListenError):
+            PatchConfig(**bad).validate()
+
+
+@pytest.mark.parametrize("kind", ["audio", "head"])
+def test_patched_logits_match_pytorch(tiny, kind):
+    """One patch through PyTorch forward hooks on transformers' model and through our hooks (block
+    0's output over the audio positions; head 1 of block 1 at T and T + 3, a forward pre-hook on
+    `o_proj`): the logits at every continuation position and the continuation's log-probability."""
+    from mlx_listen.convert.reference import run_patched
+
+    model, processor = tiny.mlx
+    clip = tone(2.5)
+    prompt, silence = pair(model, processor, clip)
+    T = prompt.last
+    cont = continuation_tokens(processor, A)
+    groups = position_groups(prompt)
+    patch = {"audio": Patch(0, tuple(int(p) for p in groups["audio"])),
+             "head": Patch(1, (T, T + 3), head=1)}[kind]
+    ref = run_patched(tiny.hf_model, tiny.hf_processor, [clip], Q, continuation=cont, layer=patch.layer,
+                      positions=list(patch.positions), head=patch.head)
+    ours = patched_logits(model, silence, prompt, cont, [patch])
+    assert np.abs(ours - ref["patched_logits"]).max() <= 1e-4
+    assert abs(logp_of(ours, cont) - ref["patched_logp"]) <= 1e-4
+    assert np.abs(patched_logits(model, silence, prompt, cont) - ref["silence_logits"]).max() <= 1e-4
+    assert np.abs(ref["patched_logits"] - ref["silence_logits"]).max() > 0.1, "the patch changed nothing: a weak test"
+
+
+def test_fast_path_equals_the_plain_definition(tiny_gqa):
+    """Every standard patch (group x layer, head at T and the prefix) through the shared-prefix
+    batches equals one full forward pass per patch and continuation, in chunks of any size."""
+    model, processor = tiny_gqa.mlx
+    prompt, silence = pair(model, processor)
+    seqs = [continuation_tokens(processor, t) for t in (A, B)]
+    groups = position_groups(prompt, shared_prefix(seqs))
+    patches = standard_patches(len(model.layers), 4, groups, ("audio", "text", "last", "prefix"), "last+prefix")
+    res = Patcher(model, prompt, silence, max_rows=3).measure(seqs, patches)
+
+    def m(target, source, ps=()):
+        lp = [logp_of(patched_logits(model, target, source, s, ps), s) for s in seqs]
+        return lp[0] - lp[1]
+
+    assert abs(res.m_source - m(prompt, prompt)) <= 1e-4 and abs(res.m_target - m(silence, prompt)) <= 1e-4
+    plain = np.array([m(silence, prompt, [p]) for p in patches])
+    assert np.abs(res.m - plain).max() <= 1e-4 * max(1.0, np.abs(plain).max())
+    assert np.ptp(res.m) > 0.1, "patches did not differ: a weak test"
+    whole = Patcher(model, prompt, silence, max_rows=64).measure(seqs, patches)
+    assert np.abs(whole.m - res.m).max() <= 1e-5
+
+
+def test_every_position_at_a_layer_gives_the_audio_run(tiny):
+    """With continuations that differ only in their last token, patching every position (first audio
+    position to the end of the shared prefix) at any layer restores the audio run exactly."""
+    model, processor = tiny.mlx
+    prompt, silence = pair(model, processor)
+    seqs = [continuation_tokens(processor, t)[:9] for t in (A, B)]  # "<answer>d" / "<answer>c"
+    groups = position_groups(prompt, shared_prefix(seqs))
+    every = tuple(sorted(int(p) for g in groups.values() for p in g))
+    res = Patcher(model, prompt, silence).measure(seqs, [Patch(l, every) for l in range(len(model.layers))])
+    assert np.abs(res.m - res.m_source).max() <= 1e-4
+    assert abs(res.m_source - res.m_target) > 0.01
+
+
+def test_zero_strength_edits_are_bit_identical(tiny_gqa):
+    """A patch that writes a run's own values (the silence into the silence) is no edit at all:
+    the plain forward's logits bit for bit, and the fast path's batches with and without their
+    hooks bit for bit. Nothing stays installed, and the plain model is unchanged afterwards."""
+    model, processor = tiny_gqa.mlx
+    prompt, silence = pair(model, processor)
+    before = np.array(run_with_cache(model, prompt, [])[0])
+    seqs = [continuation_tokens(processor, t) for t in (A, B)]
+    groups = position_groups(prompt, shared_prefix(seqs))
+    patches = standard_patches(len(model.layers), 4, groups, ("audio", "text", "last", "prefix"), "last+prefix")
+    plain = patched_logits(model, silence, silence, seqs[0])
+    for p in patches[::3]:
+        assert np.array_equal(patched_logits(model, silence, silence, seqs[0], [p]), plain)
+    same = Patcher(model, silence, silence)
+    edited, bare = same.measure(seqs, patches), same.measure(seqs, patches, _edit=False)
+    assert np.array_equal(edited.logp, bare.logp)
+    assert np.abs(edited.m - edited.m_target).max() <= 1e-4  # other call shapes: equal up to rounding
+    assert model.hooks.active() == []
+    assert np.array_equal(np.array(run_with_cache(model, prompt, [])[0]), before)
+
+
+@pytest.mark.parametrize("preset,head_at,first_diff", [("mmau", "last", False), ("r1-aqa", "last+prefix", False),
+                                                      ("r1-aqa", "last+prefix", True)])
+def test_planted_head_is_found_and_its_ablation_flips_the_answer(planted, preset, head_at, first_diff):
+    model, processor, layer, head, info = planted
+    item = info["item"]
+    prompt = prepare(model, processor, [info["clip"]], mmau.build_prompt(item, preset))
+    rec = patch_prompt(model, processor, prompt, choices=item["choices"],
+                       config=PatchConfig(preset=preset, head_at=head_at, first_diff=first_diff))
+    if first_diff:
+        assert processor.decode(rec["a_tokens"]) == "<answer>x" and processor.decode(rec["b_tokens"]) == "<answer>y"
+    assert (rec["choice_audio"], rec["choice_silence"]) == (0, 1) and rec["flagged"] is None
+    heads = np.array(rec["restored_heads"])
+    assert np.unravel_index(np.argmax(heads), heads.shape) == (layer, head)
+    assert heads[layer, head] > 0.9 and np.abs(np.delete(heads.ravel(), layer * heads.shape[1] + head)).max() < 0.1
+    decisive = "last" if preset == "mmau" else "prefix"  # the position that predicts "x" / "y"
+    by_layer = np.array(rec["restored_groups"][decisive])
+    assert int(np.argmax(by_layer)) == layer and by_layer[layer] > 0.9
+    assert rec["restored_groups"]["audio"][0] > 0.9  # the audio positions, read by the head in layer 1
+    # zero the head's output where it decides (T for "mmau"): the answer flips to the silence's
+    if preset == "mmau":
+        tok = info["tokens"]
+        logits = np.array(run_with_cache(model, prompt, [])[0][0])
+        with model.hooks.using([zero_head(layer, head, prompt.last)]):
+            ablated = np.array(run_with_cache(model, prompt, [])[0][0])
+        assert int(np.argmax(logits)) == tok["x"] and int(np.argmax(ablated)) == tok["y"]
+
+
+def test_patch_run_over_a_data_set_resumes_and_records_bad_items(planted, tmp_path):
+    model, processor, layer, head, info = planted
+    item = info["item"]
+    items = [item, {**item, "id": "broken", "audio_id": "missing.wav"},
+             {**item, "id": "music-0", "task": "music"}]
+    cfg = PatchConfig(preset="mmau")
+    ident = {"model_fingerprint": "planted", "data_sha256": "x"}
+    out = tmp_path / "run"
+    s = patch_run(model, processor, out, items=items, audio_dir=info["audio_dir"], identity=ident, config=cfg,
+                  marked=[(layer, head)], progress=False)
+    rows = [json.loads(line) for line in (out / RECORDS).read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["planted-0", "broken", "music-0"] and "error" in rows[1]
+    assert s["n_items"] == 3 and s["n_used"] == 2 and s["skipped"][0]["id"] == "broken"
+    assert s["top_heads"][0] == {"layer": layer, "head": head, "restored": s["top_heads"][0]["restored"]}
+    assert set(s["tasks"]) == {"sound", "music"} and s["tasks"]["music"]["n"] == 1
+    assert rows[0]["answer_is_a"] is True
+    assert (out / GROUPS_PNG).stat().st_size > 1000 and (out / HEADS_PNG).stat().st_size > 1000
+    assert json.loads((out / SUMMARY).read_text())["best_layer"]["last"] == layer
+    lines = "\n".join(patch_lines(s, [(layer, head)]))
+    assert "2 used, 1 skipped" in lines and f"{layer}.{head} +" in lines and "best rank 1 of 8" in lines
+    # a rerun does nothing again; other settings are refused
+    again = patch_run(model, processor, out, items=items, audio_dir=info["audio_dir"], identity=ident, config=cfg,
+                      progress=False)
+    assert len((out / RECORDS).read_text().splitlines()) == 3 and again["restored_heads"] == s["restored_heads"]
+    assert (out / META).exists()
+    with pytest.raises(ListenError, match="other settings"):
+        patch_run(model, processor, out, items=items, audio_dir=info["audio_dir"], identity=ident,
+                  config=PatchConfig(preset="r1-aqa"), progress=False)
+
+
+def test_patch_run_one_clip_free_form(planted, tmp_path):
+    """CLIP QUESTION without options: a and b are the two runs' greedy answers ("xxxx" / "yyyy")."""
+    model, processor, layer, head, info = planted
+    s = patch_run(model, processor, tmp_path, clip=info["wav"], question=info["question"],
+                  config=PatchConfig(tokens=4), progress=False)
+    rec = s["item"]
+    assert rec["a"] == "xxxx" and rec["b"] == "yyyy" and s["n"] == 1
+    assert s["top_heads"][0]["layer"] == layer and s["top_heads"][0]["head"] == head
+    assert (tmp_path / GROUPS_PNG).exists() and (tmp_path / HEADS_PNG).exists()
+    with pytest.warns(ListenWarning, match="barely changes"):
+        flagged = patch_run(model, processor, tmp_path / "f", clip=info["wav"], question=info["question"],
+                            config=PatchConfig(tokens=2, min_gap=1e6), progress=False)
+    assert flagged["n"] == 0 and flagged["item"]["m_audio"] > flagged["item"]["m_silence"]
+    with pytest.raises(ListenError, match="not both"):
+        patch_run(model, processor, tmp_path, progress=False)
+
+
+def test_same_answers_with_and_without_audio_is_an_error(tiny_gqa):
+    model, processor = tiny_gqa.mlx
+    prompt = prepare(model, processor, [np.zeros(16000, np.float32)], Q)  # silence against silence
+    with pytest.raises(ListenError, match="same first"):
+        patch_prompt(model, processor, prompt, config=PatchConfig(tokens=3))
+
+
+def test_patch_command(tmp_path):
+    """`mlx-listen patch` on the planted model: the head map's best head is the planted one."""
+    import json
+
+    from conftest import invoke, ok
+    from planted import planted_model
+
+    _, _, layer, head, info = planted_model(tmp_path)
+    out = tmp_path / "p"
+    r = ok(invoke("patch", "--data", info["data"], "--audio-dir", info["audio_dir"], "--model", info["mlx_path"],
+                  "--prompt", info["preset"], "--out", out))
+    res = json.loads((out / "patch.json").read_text())
+    assert (out / "patch.groups.png").exists() and (out / "patch.heads.png").exists()
+    assert "patch.json" in r.stderr
+    bad = invoke("patch", "--model", info["mlx_path"], "--out", out)
+    assert bad.exit_code == 2 and "CLIP and QUESTION" in bad.output
+    assert res  # the numbers themselves are checked against the planted truth above
