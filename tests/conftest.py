@@ -95,6 +95,7 @@ def _tiny(request, root, name) -> Tiny:
 def invoke(*args, env=None):
     """`mlx-listen ARGS...` in-process (click's CliRunner; stdout and stderr kept apart)."""
     from click.testing import CliRunner
+
     from mlx_listen.cli import main
 
     return CliRunner(env=env).invoke(main, [str(a) for a in args])
