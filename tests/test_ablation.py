@@ -72,6 +72,7 @@ def test_ablation_matches_pytorch(tiny, hf_eager, name, kw):
     with ablated(hf, HEADS, mode=kw.get("mode", "zero"), factor=kw.get("factor", 0.0), means=means,
                  audio_positions=prompt.audio_positions if kw.get("audio") else None):
         ref, ref_tokens = hf_last_logits_and_tokens(hf, hp, [clip], 16)
+    print(f"{tiny.name} {name}: logits max abs error {np.abs(ours - ref).max():.2g}")
     assert np.abs(ours - ref).max() <= 1e-4, np.abs(ours - ref).max()
     assert ours_tokens == ref_tokens
     plain = mlx_last_logits(model, prompt)
