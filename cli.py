@@ -408,11 +408,10 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
     missing = [n for n, v in (("--data", data), ("--audio-dir", audio_dir), ("--out", out)) if not v]
     if missing:
         raise click.UsageError(f"missing {', '.join(missing)} (or use a subcommand: score, compare)")
-    from mlx_listen.ablation import condition, matched_controls
+    from mlx_listen.ablation import conditions_for
     from mlx_listen.conditions import baseline, steered
     from mlx_listen.evaluate import EvalSpec, read_predictions, run_eval
     from mlx_listen.heads import HeadSet
-    from mlx_listen.load import model_shape
 
     steer_cfg, settings = _steering(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer)
     ablation = _ablation(ablate, ablate_mode, ablate_audio, ablate_means)
@@ -422,10 +421,7 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
     if steer_cfg:
         conditions.append(steered(steer_cfg, settings=settings))
     if ablation:
-        conditions.append(condition(ablation, "ablated"))
-        n_layers, n_heads = model_shape(model)
-        conditions += [condition(c, f"ablate-random-{i + 1}")
-                       for i, c in enumerate(matched_controls(ablation, n_layers, n_heads, ablate_controls))]
+        conditions += conditions_for(ablation, model, ablate_controls)
     if compare and not conditions:
         raise click.UsageError("--compare needs a condition to compare: --steer, --vector or --ablate")
     if compare or not conditions:

@@ -34,7 +34,7 @@ from .conditions import Condition
 from .errors import ListenError
 from .heads import HeadSet
 from .hooks import decoder_point
-from .load import load
+from .load import load, model_shape
 from .prompt import prepare
 from .stats import matched_random_sets
 
@@ -210,6 +210,17 @@ def from_options(spec: str, mode: str = "zero", audio: bool = False, means_file=
 def condition(spec: Ablation, name: str = "ablated"):
     """An ablated condition for `conditions.Answerer` / `eval` (its own prefill)."""
     return Condition(name, intervene=spec.hooks, settings={"ablation": spec.to_json()})
+
+
+def conditions_for(spec: Ablation, model_path, n_controls: int = 0, seed: int = 0) -> list:
+    """`eval --ablate … --ablate-controls N`: the ablated condition and N matched random-head ones
+    (sized from the model's config, without loading it)."""
+    conds = [condition(spec, "ablated")]
+    if n_controls:
+        n_layers, n_heads = model_shape(model_path)
+        conds += [condition(c, f"ablate-random-{i + 1}")
+                  for i, c in enumerate(matched_controls(spec, n_layers, n_heads, n_controls, seed))]
+    return conds
 
 
 def matched_controls(spec: Ablation, n_layers: int, n_heads: int, n: int, seed: int = 0) -> list[Ablation]:
