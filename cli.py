@@ -351,7 +351,8 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
 @click.option("--q-bits", type=click.Choice(["4", "8"]), default="4", show_default=True)
 @click.option("--q-group-size", type=click.Choice(["32", "64", "128"]), default="64", show_default=True,
               help="Weights per quantisation group (the sizes MLX supports).")
-@click.option("--force", is_flag=True, help="Overwrite an existing MLX model folder.")
+@click.option("--force", is_flag=True, help="Replace an existing model folder (one with config.json) or an "
+              "empty folder; never a file, the source checkpoint, or a folder inside or around it.")
 def convert(hf_path, mlx_path, dtype, quantize, q_bits, q_group_size, force):
     """Convert a Hugging Face Qwen2-Audio checkpoint to an MLX folder."""
     from mlx_listen.convert.convert import convert as run

@@ -2,16 +2,38 @@
 
 Needs no PyTorch: safetensors load straight into MLX (bf16 included). Only the language model's
 linear layers are quantised; the audio tower and projector keep their dtype (convs cannot be
-quantised and the encoder is 0.64 B parameters, little to save). The folder is written to a
-temporary sibling and renamed at the end, so an interrupted conversion leaves nothing behind.
+quantised and the encoder is 0.64 B parameters, little to save).
+
+Memory: the model is loaded lazily, cast and quantised lazily, and then written shard by shard
+the way mlx-lm's `save_model(..., donate_model=True)` does it: the model and the flat weight
+dict let go of their arrays before anything is computed, so each shard's arrays are read (and
+cast or quantised) only when that shard is written, and are freed once it is on disk. Peak memory
+is about one shard (at most `MAX_SHARD_GB`) plus what one tensor's conversion needs, whatever
+the model's size.
+
+Safety: the folder is written to a hidden temporary sibling (`.NAME.xxxxxxxx`, with the umask's
+permissions) and renamed at the end, so an interrupted conversion leaves nothing behind:
+exceptions and Ctrl-C remove it, SIGTERM/SIGHUP are turned into an exception during the
+conversion so that they remove it too, and the temp folder holds a marker file with the owner's
+pid and host, so that after a SIGKILL (or a power cut) the next conversion into the same parent
+folder removes it. Nothing without that marker, nor anything whose owner still runs, is ever
+deleted. `--force` replaces only a model folder (one with config.json) or an empty one, never a
+file, the source checkpoint, or a folder inside or around it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import os
+import secrets
 import shutil
-import tempfile
+import signal
+import socket
+import sys
+import threading
 from pathlib import Path
 
 import mlx.core as mx
@@ -30,6 +52,10 @@ SIDE_FILES = [
     "preprocessor_config.json", "generation_config.json",
 ]
 MAX_SHARD_GB = 5  # mlx-lm's shard size
+GROUP_SIZES = (32, 64, 128)  # what the CLI offers (and MLX's affine mode supports)
+MARKER = ".mlx-listen-partial"  # in a temp folder: {"pid", "host"} of the conversion that owns it
+SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
+_SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s))
 
 
 def language_only(path: str, module: nn.Module) -> bool:
@@ -48,15 +74,25 @@ def convert(
     force: bool = False,
     progress: bool = True,
 ) -> Path:
-    from mlx_lm.utils import make_shards, quantize_model
+    """Convert `hf_path` (folder or hub id) to an MLX folder at `mlx_path`; return `mlx_path`.
 
-    out = Path(mlx_path)
-    if out.exists() and not force:
-        raise ModelError(f"{out} already exists; pass --force to overwrite it")
+    With `progress`, a progress bar and (when quantising) mlx-lm's
+    `[INFO] Quantized model with X bits per weight.` line go to stderr; stdout stays untouched.
+    """
+    from mlx_lm.utils import compute_bits_per_weight, quantize_model
+
+    out = Path(mlx_path).expanduser()
+    local = Path(hf_path).expanduser()
+    if local.exists():  # before the existence check, whose advice (--force) would be wrong here
+        _refuse_overlap(local, out)
+    _check_target(out, force)
     src = resolve(hf_path)
+    _refuse_overlap(src, out)
     model, config = load_model(src, lazy=True)
     if config.get("quantization") and quantize:
         raise ModelError(f"{src} is already quantised")
+    if quantize:
+        _check_group_size(model, q_group_size)
 
     config = copy.deepcopy(config)
     config.pop("eos_token_id", None)  # mlx-lm merged it from generation_config.json, copied below
@@ -66,38 +102,156 @@ def convert(
                               model.parameters()))
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
-    if quantize:
-        model, config = quantize_model(
-            model, config, q_group_size, q_bits, quant_predicate=language_only
-        )
+    if quantize:  # lazy, like the cast: nothing is computed until a shard is written
+        with contextlib.redirect_stdout(io.StringIO()):  # its [INFO] print would go to stdout
+            model, config = quantize_model(
+                model, config, q_group_size, q_bits, quant_predicate=language_only
+            )
+        if progress:
+            print(f"[INFO] Quantized model with {compute_bits_per_weight(model):.3f} bits per weight.",
+                  file=sys.stderr)
+    if "quantization" in config:
+        config["quantization_config"] = config["quantization"]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    dest = out.resolve()  # through a symlink: replace the folder it points at, keep the link
     try:
-        weights = dict(tree_flatten(model.parameters()))
-        shards = make_shards(weights, max_file_size_gb=MAX_SHARD_GB)
-        name = "model-{:05d}-of-{:05d}.safetensors"
-        index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": {}}
-        for i, shard in enumerate(tqdm(shards, desc="Writing shards", unit="shard", disable=not progress)):
-            fname = name.format(i + 1, len(shards))
-            mx.save_safetensors(str(tmp / fname), shard, metadata={"format": "mlx"})
-            index["weight_map"].update({k: fname for k in shard})
-        index["weight_map"] = dict(sorted(index["weight_map"].items()))
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        if "quantization" in config:
-            config["quantization_config"] = config["quantization"]
-        (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
-        for f in SIDE_FILES:
-            if (src / f).exists():
-                shutil.copy2(src / f, tmp / f)
-        _model_card(tmp, hf_path, quantize and q_bits)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelError(f"cannot create the folder for {out} ({e.strerror or e})") from None
+    with _signals_raise():
+        _remove_stale(dest.parent, progress)
+        tmp = _make_partial(dest.parent, dest.name)
+        try:
+            # Bytes alive per output byte while a tensor is computed, at most: a cast's output plus
+            # an input up to twice its size (fp32 → 16 bit); a 4-bit weight (0.5625 bytes a
+            # parameter with its scales) plus an fp32 input (7.1x), plus a 16-bit cast of it (10.7x).
+            transient = (12 if dtype else 8) if quantize else 3
+            _write_weights(tmp, model, progress, transient)
+            del model
+            (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
+            for f in SIDE_FILES:
+                if (src / f).exists():
+                    shutil.copy2(src / f, tmp / f)
+            _model_card(tmp, hf_path, quantize and q_bits)
+            _commit(tmp, dest)
+        except BaseException as e:
+            with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the cleanup short
+                _remove(tmp)
+            if isinstance(e, _Signalled) and progress:
+                print(f"\n[INFO] Stopped by signal {e.signum}; removed the partial output {tmp}",
+                      file=sys.stderr)
+            raise
     return out
+
+
+# -- checks before anything is written -----------------------------------------------------------
+def _refuse_overlap(src: Path, out: Path):
+    """The output may be neither the source, nor inside it, nor around it (even with --force)."""
+    s, o = src.resolve(), out.resolve()
+    how = "is" if s == o else "is inside" if s in o.parents else "contains" if o in s.parents else None
+    if how:
+        raise ModelError(f"the output folder {out} {how} the source checkpoint {src}; "
+                         f"choose another --mlx-path (--force never overwrites the source)")
+
+
+def _check_target(out: Path, force: bool):
+    """Only an existing model folder (config.json) or an empty folder may be replaced, with --force."""
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not out.is_dir():
+        raise ModelError(f"{out} exists and is not a folder; choose another --mlx-path "
+                         f"(--force replaces only a model folder)")
+    if not force:
+        raise ModelError(f"{out} already exists; pass --force to overwrite it")
+    try:
+        empty = not any(out.iterdir())
+    except OSError as e:
+        raise ModelError(f"cannot read {out} ({e.strerror or e})") from None
+    if not empty and not (out / "config.json").is_file():
+        raise ModelError(f"{out} is not a model folder (no config.json) and not empty; refusing to "
+                         f"delete it even with --force: choose another --mlx-path")
+
+
+def _check_group_size(model: nn.Module, group: int):
+    """Refuse a group size that does not divide some quantisable layer's input width.
+
+    mlx-lm's `quantize_model` silently leaves such layers in float, so a "4-bit" model could be
+    mostly float; we name the layers and the group sizes that would work instead.
+    """
+    widths = {}
+    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        if hasattr(m, "to_quantized") and language_only(path, m):
+            widths[path] = m.weight.shape[-1]
+    bad = [(p, w) for p, w in widths.items() if w % group]
+    if not bad:
+        return
+    shown = "; ".join(f"{p} has {w}" for p, w in bad[:3]) + (f"; {len(bad) - 3} more" if len(bad) > 3 else "")
+    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
+    advice = (f"use --q-group-size {' or '.join(map(str, fits))}" if fits
+              else f"no group size in {'/'.join(map(str, GROUP_SIZES))} divides them all")
+    raise ModelError(f"--q-group-size {group} does not divide the input width of {len(bad)} of the "
+                     f"{len(widths)} layers to quantise ({shown}); {advice}")
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _write_weights(tmp: Path, model: nn.Module, progress: bool, transient: float):
+    """Shards + index, computing each shard only when it is written and freeing it afterwards.
+
+    mlx-lm's `save_model(..., donate_model=True)` pattern (it cannot be called as is: it ignores
+    our shard size and names a single shard `model.safetensors`), with the shard's tensors
+    evaluated by `_evaluate` rather than all at once by `save_safetensors`.
+    """
+    from mlx_lm.utils import make_shards
+
+    weights = dict(tree_flatten(model.parameters()))
+    shards = make_shards(weights, max_file_size_gb=MAX_SHARD_GB)
+    total = sum(v.nbytes for v in weights.values())
+    # Donate: from here on each array is referenced by its shard only.
+    model.update(tree_map(lambda _: mx.array([]), model.parameters()))
+    weights.clear()
+    del weights
+    index = {"metadata": {"total_size": total}, "weight_map": {}}
+    with tqdm(total=total, desc="Writing shards", unit="B", unit_scale=True, disable=not progress) as bar:
+        for i in range(len(shards)):
+            shard, shards[i] = shards[i], None
+            fname = SHARD_NAME.format(i + 1, len(shards))
+            _evaluate(list(shard.values()), transient, bar)
+            mx.save_safetensors(str(tmp / fname), shard, metadata={"format": "mlx"})
+            index["weight_map"].update(dict.fromkeys(shard, fname))
+            del shard
+            mx.clear_cache()
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _evaluate(arrays: list, transient: float, bar):
+    """Compute a shard's arrays, overlapping reads and compute without raising the peak.
+
+    Evaluating the whole shard at once (what `save_safetensors` does) lets MLX read source
+    tensors ahead without limit (quantising 3.8 GB of bf16 to 8 bits peaked at 3.9 GB that way,
+    at 2.0 GB one tensor at a time), while one at a time serialises reading and computing.
+    Instead tensors are scheduled ahead (`async_eval`)
+    while the memory the shard has yet to fill covers them: an array in flight counts at
+    `transient` times its size (its output plus its inputs), so memory stays within the finished
+    shard plus one tensor's inputs. Waiting tensor by tensor also lets a signal in between.
+    """
+    room = sum(a.nbytes for a in arrays)  # what the shard will hold once all of it is computed
+    done = ahead = 0
+    j = 0
+    try:
+        for i, a in enumerate(arrays):
+            while j < len(arrays) and (j == i or done + transient * (ahead + arrays[j].nbytes) <= room):
+                mx.async_eval(arrays[j])
+                ahead += arrays[j].nbytes
+                j += 1
+            mx.eval(a)
+            ahead -= a.nbytes
+            done += a.nbytes
+            bar.update(a.nbytes)
+    except BaseException:
+        with contextlib.suppress(Exception):  # let scheduled work finish before the cleanup
+            mx.synchronize()
+        raise
 
 
 def _model_card(path: Path, base: str, bits):
@@ -106,3 +260,165 @@ def _model_card(path: Path, base: str, bits):
         f"---\nlibrary_name: mlx\nbase_model: {base}\ntags: [mlx, audio, qwen2-audio]\n---\n\n"
         f"Converted from `{base}` with `mlx-listen convert`; quantisation: {q}.\n"
     )
+
+
+# -- atomicity and cleanup -----------------------------------------------------------------------
+def _mark(folder: Path):
+    (folder / MARKER).write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+
+
+def _new_sibling(parent: Path, name: str, tag: str = "") -> Path:
+    """A fresh hidden folder next to the output: like mkdtemp, but with mkdir's (umask) mode."""
+    while True:
+        path = parent / f".{name}.{tag}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise ModelError(f"cannot write in {parent} ({e.strerror or e})") from None
+
+
+def _make_partial(parent: Path, name: str) -> Path:
+    tmp = _new_sibling(parent, name)
+    try:
+        _mark(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def _remove(folder: Path):
+    """Delete one of our (flat) temp folders, its marker last: a kill half-way leaves it marked."""
+    try:
+        entries = [p for p in folder.iterdir() if p.name != MARKER]
+    except OSError:
+        return
+    for p in entries:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                p.unlink()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def _commit(tmp: Path, dest: Path):
+    """Swap the finished temp folder in; the replaced folder (if any) is deleted afterwards.
+
+    SIGINT and the termination signals are held back during the two renames, so that an
+    interruption cannot leave neither the old nor the new folder in place; a failure moves the
+    old folder back.
+    """
+    old, committed = None, False
+    try:
+        with _signals_held():
+            try:
+                if dest.exists():
+                    old = _new_sibling(dest.parent, dest.name, "old.")
+                    os.replace(dest, old)  # onto the fresh (empty) folder
+                (tmp / MARKER).unlink()
+                tmp.rename(dest)
+                committed = True
+            except BaseException:
+                if old is not None and not dest.exists():
+                    os.replace(old, dest)
+                raise
+    finally:  # also when a signal held back above is raised as the block ends
+        if committed and old is not None:
+            # Marked only now (never while it may be the only copy), so that a kill half-way
+            # through deleting it leaves a folder that the next run removes.
+            with contextlib.suppress(OSError):
+                _mark(old)
+            _remove(old)
+
+
+def _owner(folder: Path) -> dict | None:
+    try:
+        info = json.loads((folder / MARKER).read_text())
+        return info if isinstance(info, dict) and isinstance(info.get("pid"), int) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
+
+
+def _remove_stale(parent: Path, progress: bool):
+    """Remove partial folders that killed conversions left in `parent` (marked, owner gone)."""
+    host = socket.gethostname()
+    try:
+        entries = [p for p in parent.iterdir() if p.name.startswith(".")]
+    except OSError:
+        return
+    for p in entries:
+        if p.is_symlink() or not p.is_dir():
+            continue
+        info = _owner(p)
+        if info is None or info.get("host") != host or _alive(info["pid"]):
+            continue
+        _remove(p)
+        if progress:
+            print(f"[INFO] Removed {p}, left by an interrupted conversion (pid {info['pid']})",
+                  file=sys.stderr)
+
+
+class _Signalled(SystemExit):
+    """SIGTERM/SIGHUP during a conversion: unwinds (running the cleanup), then exits 128 + signum."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+
+
+def _raise(signum, frame):
+    raise _Signalled(signum)
+
+
+def _default_handled() -> list[int]:
+    """The termination signals whose handler we may take over (main thread, default action)."""
+    if threading.current_thread() is not threading.main_thread():
+        return []
+    return [s for s in _SIGNALS if signal.getsignal(s) is signal.SIG_DFL]
+
+
+@contextlib.contextmanager
+def _signals_raise():
+    """While converting, SIGTERM/SIGHUP raise `_Signalled` in the main thread instead of killing.
+
+    Only signals left at their default action are taken over (an application's own handler or
+    an ignored SIGHUP under nohup stay as they are); the default is restored afterwards.
+    """
+    taken = _default_handled()
+    for s in taken:
+        signal.signal(s, _raise)
+    try:
+        yield
+    finally:
+        for s in taken:
+            signal.signal(s, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Block SIGINT and the termination signals; one that arrives is delivered as the block ends."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = {signal.SIGINT, *_SIGNALS}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)

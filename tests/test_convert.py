@@ -1,9 +1,11 @@
 """`mlx-listen convert` (Python API) and loading of every checkpoint layout, on tiny checkpoints.
 
 Covers: the output folder (index, config, side files, model card, MLX conv layout), idempotent
-re-conversion, dtype casts, overwrite/interrupt safety, sharding, language-only quantisation with
-a derived logit-error bound, transformers-5 key names, hub-style sharded inputs, and `ModelError`s
-for broken folders.
+re-conversion, dtype casts, overwrite/interrupt safety (--force only onto a model folder, never
+onto the source; SIGTERM and SIGKILL leave nothing that a rerun does not remove; umask
+permissions), one shard in memory at a time, sharding, language-only quantisation with a derived
+logit-error bound and a refused indivisible group size, transformers-5 key names, hub-style
+sharded inputs, and `ModelError`s for broken folders.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,11 +29,12 @@ import numpy as np
 import pytest
 from conftest import tone
 from mlx.utils import tree_flatten
-from mlx_listen.convert.convert import convert
 
+from mlx_listen.convert.convert import convert
 from mlx_listen.errors import ModelError
-from mlx_listen.generate import generate, prepare
+from mlx_listen.generate import generate
 from mlx_listen.load import load, model_dtype
+from mlx_listen.prompt import prepare
 
 CONVERT = importlib.import_module("mlx_listen.convert.convert")  # the module (for monkeypatching)
 SIDE = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
@@ -135,10 +145,76 @@ def test_refuses_existing_output_without_force(tiny_gqa, tmp_path):
     with pytest.raises(ModelError, match="--force"):
         convert(str(tiny_gqa.hf_path), str(out), progress=False)
     assert listing(out) == {"keep.txt": b"mine"}
+    # --force replaces a model folder only: this one has no config.json, so it is someone's data.
+    with pytest.raises(ModelError, match="not a model folder") as e:
+        convert(str(tiny_gqa.hf_path), str(out), force=True, progress=False)
+    assert "\n" not in str(e.value) and str(out) in str(e.value)
+    assert listing(out) == {"keep.txt": b"mine"}
+    (out / "config.json").write_text("{}")
     convert(str(tiny_gqa.hf_path), str(out), force=True, progress=False)
     assert not (out / "keep.txt").exists()
     assert_same_tensors(tensors(out), tensors(tiny_gqa.mlx_path))
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_force_replaces_an_empty_folder(tiny_gqa, tmp_path):
+    (tmp_path / "out").mkdir()
+    out = convert(str(tiny_gqa.hf_path), str(tmp_path / "out"), force=True, progress=False)
+    assert_same_tensors(tensors(out), tensors(tiny_gqa.mlx_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_refuses_a_file_as_output(tiny_gqa, tmp_path, force):
+    out = tmp_path / "model.bin"
+    out.write_bytes(b"precious")
+    with pytest.raises(ModelError, match="not a folder") as e:
+        convert(str(tiny_gqa.hf_path), str(out), force=force, progress=False)
+    assert "\n" not in str(e.value)
+    assert out.read_bytes() == b"precious" and [p.name for p in tmp_path.iterdir()] == ["model.bin"]
+
+
+@pytest.mark.parametrize("where", ["same", "link", "inside", "containing"])
+def test_refuses_to_write_over_the_source(tiny_gqa, tmp_path, where):
+    """Even with --force: the output may not be the source, an alias of it, in it, or around it."""
+    src = hf_copy(tiny_gqa, tmp_path / "src")
+    before = listing(src)
+    out = {"same": src, "link": tmp_path / "alias", "inside": src / "mlx", "containing": tmp_path}[where]
+    if where == "link":
+        out.symlink_to(src, target_is_directory=True)
+    word = {"same": " is the source", "link": " is the source", "inside": "is inside", "containing": "contains"}
+    with pytest.raises(ModelError, match=word[where]) as e:
+        convert(str(src), str(out), force=True, progress=False)
+    assert "\n" not in str(e.value)
+    assert listing(src) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["src"] + (["alias"] if where == "link" else []))
+
+
+def test_force_through_a_symlink_replaces_its_target(tiny_gqa, tmp_path):
+    """`--mlx-path link --force`: the folder the link points at is replaced, the link stays."""
+    real = tmp_path / "disk" / "model"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text("{}")
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+    assert convert(str(tiny_gqa.hf_path), str(link), force=True, progress=False) == link
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert_same_tensors(tensors(real), tensors(tiny_gqa.mlx_path))
+    assert [p.name for p in (tmp_path / "disk").iterdir()] == ["model"]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_permissions_follow_the_umask(tiny_gqa, tmp_path, umask):
+    """Like mkdir, not mkdtemp's 0700."""
+    previous = os.umask(umask)
+    try:
+        out = convert(str(tiny_gqa.hf_path), str(tmp_path / "out"), progress=False)
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    written = ["config.json", "model.safetensors.index.json", "README.md", *(p.name for p in out.glob("model-*"))]
+    for name in written:  # (copied side files keep their source's mode, like cp -p)
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 @pytest.mark.parametrize("existing", [False, True])
@@ -149,6 +225,7 @@ def test_interrupted_conversion_leaves_nothing(tiny_gqa, tmp_path, monkeypatch, 
     if existing:
         out.mkdir()
         (out / "old.txt").write_text("old")
+        (out / "config.json").write_text("{}")  # a model folder, which --force may replace
     monkeypatch.setattr(CONVERT, "MAX_SHARD_GB", 0)  # every tensor its own shard
     real, calls = mx.save_safetensors, []
 
@@ -165,7 +242,163 @@ def test_interrupted_conversion_leaves_nothing(tiny_gqa, tmp_path, monkeypatch, 
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == (["out"] if existing else [])
     if existing:
-        assert listing(out) == {"old.txt": b"old"}
+        assert listing(out) == {"config.json": b"{}", "old.txt": b"old"}
+
+
+def test_failed_swap_keeps_the_old_folder(tiny_gqa, tmp_path, monkeypatch):
+    """If the final rename fails, the folder that --force was replacing is put back."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    real = Path.rename
+
+    def failing(self, target):
+        if Path(target) == out.resolve():
+            raise OSError("rename failed")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(OSError, match="rename failed"):
+        convert(str(tiny_gqa.hf_path), str(out), force=True, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and listing(out) == {"config.json": b"{}"}
+
+
+# A child process that converts and stalls after writing its first shard, to be signalled there.
+STALLING_CHILD = """
+import sys, time
+from pathlib import Path
+import mlx.core as mx
+real = mx.save_safetensors
+def stall(path, *a, **kw):
+    real(path, *a, **kw)
+    Path(sys.argv[3]).write_text(path)
+    time.sleep(120)
+mx.save_safetensors = stall
+from mlx_listen.convert.convert import convert
+convert(sys.argv[1], sys.argv[2], progress=False)
+"""
+
+
+def stalled_child(tiny, out: Path, tmp_path: Path) -> tuple[subprocess.Popen, Path]:
+    """Start the child and wait until its first shard is on disk; → (process, that shard)."""
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", STALLING_CHILD, str(tiny.hf_path), str(out), str(ready)],
+                             stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if child.poll() is not None:
+            pytest.fail(f"the child exited with {child.returncode}: {child.stderr.read()}")
+        assert time.monotonic() < deadline, "the child never wrote a shard"
+        time.sleep(0.05)
+    shard = Path(ready.read_text())
+    assert shard.exists() and shard.parent.name.startswith(f".{out.name}.")
+    return child, shard
+
+
+def test_sigterm_removes_the_partial_folder(tiny_gqa, tmp_path):
+    parent = tmp_path / "parent"
+    child, shard = stalled_child(tiny_gqa, parent / "out", tmp_path)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, err  # exits as a shell reports a SIGTERM death
+    assert "Traceback" not in err
+    assert list(parent.iterdir()) == []
+
+
+def test_the_next_run_removes_what_a_sigkill_left(tiny_gqa, tmp_path):
+    parent = tmp_path / "parent"
+    child, shard = stalled_child(tiny_gqa, parent / "out", tmp_path)
+    child.kill()
+    child.communicate(timeout=60)
+    partial = shard.parent
+    assert [p.name for p in parent.iterdir()] == [partial.name]  # SIGKILL cannot be cleaned up after
+    assert json.loads((partial / CONVERT.MARKER).read_text())["pid"] == child.pid
+    convert(str(tiny_gqa.hf_path), str(parent / "other"), progress=False)
+    assert [p.name for p in parent.iterdir()] == ["other"]
+
+
+def dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_cleanup_removes_only_what_is_provably_ours(tiny_gqa, tmp_path, capsys):
+    def partial(name, pid, host=socket.gethostname(), marker=True):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+        if marker:
+            (d / CONVERT.MARKER).write_text(json.dumps({"pid": pid, "host": host}))
+        return d
+
+    dead = dead_pid()
+    partial(".out.dead", dead)  # ours, owner gone: removed
+    kept = [
+        partial(".out.alive", os.getppid()),  # its owner still runs (maybe converting right now)
+        partial(".out.unmarked", dead, marker=False),  # not provably ours
+        partial(".out.elsewhere", dead, host="another-host"),  # a pid on another machine says nothing
+        partial("visible", dead),  # we only ever create hidden folders
+    ]
+    (tmp_path / ".out.garbled").mkdir()
+    (tmp_path / ".out.garbled" / CONVERT.MARKER).write_text("not json")
+    kept.append(tmp_path / ".out.garbled")
+    convert(str(tiny_gqa.hf_path), str(tmp_path / "out"), progress=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out"] + [p.name for p in kept])
+    err = capsys.readouterr().err
+    assert f".out.dead, left by an interrupted conversion (pid {dead})" in err
+
+
+def test_signal_handlers_are_restored(tiny_gqa, tmp_path):
+    def mine(signum, frame):
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    convert(str(tiny_gqa.hf_path), str(tmp_path / "a"), progress=False)
+    assert signal.getsignal(signal.SIGTERM) == before
+    previous = signal.signal(signal.SIGTERM, mine)  # an application's own handler is left alone
+    try:
+        convert(str(tiny_gqa.hf_path), str(tmp_path / "b"), progress=False)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# -- memory --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("per_shard", [1, 4])
+@pytest.mark.parametrize("options", [{}, {"dtype": "float16"}, {"quantize": True, "q_group_size": 64}])
+def test_one_shard_in_memory_at_a_time(tiny_gqa, tmp_path, monkeypatch, options, per_shard):
+    """With many small shards, MLX holds one shard when it writes one, not all before it.
+
+    (The old converter held the model, the flat weights and every written shard: at the last
+    write its active memory was ~the whole model.) Peak = a shard plus one source tensor, also
+    when several tensors per shard are computed ahead of the one being waited for.
+    """
+    import mlx_lm.utils
+
+    def chunks(weights, max_file_size_gb):
+        items = list(weights.items())
+        return [dict(items[i:i + per_shard]) for i in range(0, len(items), per_shard)]
+
+    monkeypatch.setattr(mlx_lm.utils, "make_shards", chunks)
+    real, at_write, sizes = mx.save_safetensors, [], []
+
+    def record(path, arrays, *a, **kw):
+        at_write.append(mx.get_active_memory())
+        sizes.append(sum(v.nbytes for v in arrays.values()))
+        return real(path, arrays, *a, **kw)
+
+    monkeypatch.setattr(mx, "save_safetensors", record)
+    source = max(v.nbytes for v in mx.load(str(tiny_gqa.hf_path / "model.safetensors")).values())
+    mx.eval(mx.zeros(1))
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    convert(str(tiny_gqa.hf_path), str(tmp_path / "out"), progress=False, **options)
+    peak = mx.get_peak_memory() - base
+    assert len(sizes) > 50 / per_shard and max(sizes) < 0.6 * sum(sizes)  # (the old one held ~all)
+    assert max(a - base for a in at_write) <= max(sizes) + 4096, (at_write, sizes)
+    assert peak <= max(sizes) + source + 4096, (peak, max(sizes), source)
+    assert mx.get_active_memory() - base <= 4096  # nothing kept after the conversion
 
 
 def test_many_shards(tiny_gqa, tmp_path, monkeypatch):
@@ -220,16 +453,34 @@ def test_quantised_folder(tiny_gqa, quantised, bits):
     assert f"{bits}-bit" in (out / "README.md").read_text()
 
 
-def test_group_size_skips_indivisible_inputs(tiny_gqa, tmp_path):
-    """With g = 128 only down_proj (input 128) can be grouped; the 64-input layers stay float."""
-    out = convert(str(tiny_gqa.hf_path), str(tmp_path / "g128"), quantize=True, q_bits=4,
-                  q_group_size=128, progress=False)
-    w = tensors(out)
-    quantised_paths = sorted(k.removesuffix(".scales") for k in w if k.endswith(".scales"))
-    expected = sorted(p for p, q in quantisable(tiny_gqa.mlx[0], 128).items() if q)
-    assert quantised_paths == expected == [f"language_model.model.layers.{i}.mlp.down_proj" for i in (0, 1)]
-    model, processor = load(out)
-    assert np.isfinite(last_logits(model, processor)).all()
+def test_group_size_must_divide_every_width(tiny_gqa, tmp_path):
+    """g = 128 divides only down_proj's input (128): refuse, rather than leave 14 of 16 layers in float."""
+    with pytest.raises(ModelError) as e:
+        convert(str(tiny_gqa.hf_path), str(tmp_path / "g128"), quantize=True, q_bits=4, q_group_size=128,
+                progress=False)
+    msg = str(e.value)
+    bad = sorted(p for p, q in quantisable(tiny_gqa.mlx[0], 128).items() if p.startswith("language_model.") and not q)
+    assert len(bad) == 14 and "14 of the 16 layers" in msg and "\n" not in msg
+    assert "language_model.model.embed_tokens has 64" in msg and "11 more" in msg
+    assert msg.endswith("use --q-group-size 32 or 64")
+    assert list(tmp_path.iterdir()) == []
+    for g in (32, 64):  # what it suggests works, and quantises every decoder layer
+        out = convert(str(tiny_gqa.hf_path), str(tmp_path / f"g{g}"), quantize=True, q_group_size=g, progress=False)
+        assert sum(k.endswith(".scales") for k in tensors(out)) == 16
+
+
+def test_bits_per_weight_on_stderr(tiny_gqa, tmp_path, capsys):
+    convert(str(tiny_gqa.hf_path), str(tmp_path / "quiet"), quantize=True, progress=False)
+    assert capsys.readouterr() == ("", "")
+    out = convert(str(tiny_gqa.hf_path), str(tmp_path / "loud"), quantize=True, progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    m = re.search(r"^\[INFO\] Quantized model with (\d+\.\d{3}) bits per weight\.$", captured.err, re.M)
+    assert m, captured.err
+    w = tensors(out)  # bits per weight = stored bits / parameters (a quantised weight holds 32/bits per uint32)
+    params = sum(v.size * (32 // 4 if v.dtype == mx.uint32 else 1) for k, v in w.items()
+                 if not k.endswith((".scales", ".biases")))
+    assert float(m.group(1)) == pytest.approx(8 * sum(v.nbytes for v in w.values()) / params, abs=1e-3)
 
 
 def test_refuses_to_quantise_twice(quantised, tmp_path):
