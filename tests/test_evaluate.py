@@ -526,7 +526,12 @@ def _free_port_pair() -> int:
     pytest.skip("no two consecutive free TCP ports on 127.0.0.1 for MLX's ring backend")
 
 
-@pytest.mark.skipif(shutil.which("mlx.launch") is None, reason="mlx.launch (MLX's launcher) is not on PATH")
+def mlx_launch() -> str:
+    """MLX's launcher: beside this interpreter (a venv not on PATH), else on PATH."""
+    beside = Path(sys.executable).with_name("mlx.launch")
+    return str(beside) if beside.exists() else (shutil.which("mlx.launch") or "mlx.launch")
+
+
 def test_two_ranks_under_mlx_launch(demo, tiny_gqa, script, tmp_path):
     """`mlx.launch -n 2 --backend ring`: two local processes split the remaining items, rank 0 merges."""
     items = demo[2]
@@ -537,7 +542,7 @@ def test_two_ranks_under_mlx_launch(demo, tiny_gqa, script, tmp_path):
 
     n = 12
     port = _free_port_pair()
-    cmd = ["mlx.launch", "-n", "2", "--backend", "ring", "--starting-port", str(port),
+    cmd = [mlx_launch(), "-n", "2", "--backend", "ring", "--starting-port", str(port),
            sys.executable, "-m", "mlx_listen", *map(str, eval_args(demo, tiny_gqa.mlx_path, out, "--limit", n))]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     log = f"{' '.join(cmd)}\nrc {proc.returncode}\n{proc.stdout}\n{proc.stderr}"

@@ -245,19 +245,7 @@ def test_margin_choice_and_probs():
 # -- integration (conditions.Answerer.respond, eval --score, heads --target margin): these run once
 # the integration is in; until then they are skipped -------------------------------------------------
 
-def _integrated(what: str) -> bool:
-    import inspect
-
-    from mlx_listen import conditions, evaluate, heads
-
-    return {"answerer": hasattr(conditions.Answerer, "respond"),
-            "eval": "score" in getattr(evaluate.EvalSpec, "__dataclass_fields__", {}),
-            "heads": "target" in inspect.signature(heads.find_heads).parameters}[what]
-
-
 def test_answerer_scores_every_condition_from_its_prefill(tiny_gqa, monkeypatch):
-    if not _integrated("answerer"):
-        pytest.skip("Answerer.respond is not integrated yet")
     from contextlib import contextmanager
 
     from mlx_listen import conditions
@@ -298,8 +286,6 @@ def test_answerer_scores_every_condition_from_its_prefill(tiny_gqa, monkeypatch)
 
 @pytest.mark.parametrize("mode", ["both", "logprob"])
 def test_eval_score_modes(tiny_gqa, tmp_path, mode):
-    if not _integrated("eval"):
-        pytest.skip("eval --score is not integrated yet")
     from mlx_listen.demo_set import make_demo_set
     from mlx_listen.evaluate import EvalSpec, read_predictions, run_eval
 
@@ -331,8 +317,6 @@ def test_eval_score_modes(tiny_gqa, tmp_path, mode):
 
 
 def test_heads_target_margin(tiny_gqa, tmp_path):
-    if not _integrated("heads"):
-        pytest.skip("heads --target margin is not integrated yet")
     from mlx_listen.demo_set import make_demo_set
     from mlx_listen.heads import calibrate, find_heads
     from mlx_listen.mmau import load_items
@@ -352,11 +336,6 @@ def test_heads_target_margin(tiny_gqa, tmp_path):
 
 
 def test_cli_score_and_target(tiny_gqa, tmp_path):
-    from mlx_listen.cli import eval as eval_cmd
-    from mlx_listen.cli import heads as heads_cmd
-
-    if not any(p.name == "score_mode" for p in eval_cmd.params) or not any(p.name == "target" for p in heads_cmd.params):
-        pytest.skip("eval --score / heads --target are not integrated yet")
     from conftest import invoke, ok
 
     from mlx_listen.demo_set import make_demo_set
