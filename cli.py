@@ -411,8 +411,9 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
         raise click.UsageError(f"missing {', '.join(missing)} (or use a subcommand: score, compare)")
     from mlx_listen.ablation import conditions_for
     from mlx_listen.conditions import baseline, steered
-    from mlx_listen.evaluate import EvalSpec, read_predictions, run_eval
+    from mlx_listen.evaluate import EvalSpec, run_eval
     from mlx_listen.heads import HeadSet
+    from mlx_listen.records import read_predictions
 
     steer_cfg, settings = _steering(steer_path, vector_path, alpha, steer_at, strength, normalize, steer_layer)
     ablation = _ablation(ablate, ablate_mode, ablate_audio, ablate_means)
@@ -456,12 +457,12 @@ def eval(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens, ski
 @click.option("--official", is_flag=True, help="Print exactly the official evaluation.py layout.")
 def eval_score(file, data, as_json, official):
     """Re-score a predictions FILE (our JSONL or the official JSON array) without a model."""
-    from mlx_listen.evaluate import read_predictions, rekey
+    from mlx_listen.records import read_predictions
 
     rows = read_predictions(file)
     if data:
         n_all = len(rows)
-        rows, unmatched = rekey(rows, data)
+        rows, unmatched = mmau.rekey(rows, data)
         if not rows:
             raise ListenError(f"none of the {n_all} predictions has an id in {data}")
         if unmatched:
@@ -477,7 +478,7 @@ def eval_score(file, data, as_json, official):
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_compare(run_a, run_b, as_json):
     """Paired comparison of two runs (or predictions files): accuracy, flips, McNemar's exact p."""
-    from mlx_listen.evaluate import read_predictions
+    from mlx_listen.records import read_predictions
 
     res = mmau.compare(read_predictions(run_a), read_predictions(run_b))
     click.echo(json.dumps(res) if as_json else "\n".join(mmau.compare_lines(res, str(run_a), str(run_b))))

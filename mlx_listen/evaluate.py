@@ -37,9 +37,9 @@ from .errors import AudioWarning, ListenError, ListenWarning
 from .identity import check_binding
 from .load import load, resolve, weights_fingerprint
 from .prompt import prepare
-from .records import append_jsonl, claim, locked, read_jsonl, write_atomic, write_json
+from .records import PRED_FILE, append_jsonl, claim, locked, read_jsonl, write_atomic, write_json
 
-RUN_FILE, PRED_FILE, SUMMARY_FILE, OFFICIAL_FILE = "run.json", "predictions.jsonl", "summary.json", "predictions.json"
+RUN_FILE, SUMMARY_FILE, OFFICIAL_FILE = "run.json", "summary.json", "predictions.json"
 
 
 @dataclass
@@ -322,47 +322,3 @@ def versions() -> dict:
 
     return {"mlx_listen": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
-
-
-def read_predictions(path: Path) -> list[dict]:
-    """Our JSONL (a run folder or its file), or the official JSON array (`model_output` per item)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PRED_FILE
-    if not path.exists():
-        raise ListenError(f"{path} not found")
-    try:
-        text = path.read_text(encoding="utf-8").lstrip()
-    except UnicodeDecodeError:
-        raise ListenError(f"{path} is not a predictions file (not UTF-8 text)") from None
-    if text.startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ListenError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
-            raise ListenError(f"{path}: expected a JSON array of prediction objects")
-        if not rows:
-            raise ListenError(f"{path} holds no predictions (an empty JSON array)")
-        return rows
-    if not text:
-        raise ListenError(f"{path} is empty")
-    if not text.startswith("{"):
-        raise ListenError(f"{path} is not a predictions file (neither our JSONL nor the official JSON array)")
-    rows = read_jsonl(path)
-    if not rows:
-        raise ListenError(f"{path} holds no predictions")
-    return rows
-
-
-def rekey(rows: list[dict], key_file: Path) -> tuple[list[dict], int]:
-    """Predictions scored against another answer key (e.g. the other MMAU version), matched by id;
-    also how many predictions the key does not have."""
-    key = {it["id"]: it for it in mmau.load_items(key_file)}
-    out = []
-    for r in rows:
-        if r.get("id") in key:
-            k = key[r["id"]]
-            out.append({**r, **{f: k[f] for f in ("question", "choices", "answer", "task", "difficulty",
-                                                   "category", "sub-category") if f in k}})
-    return out, len(rows) - len(out)

@@ -369,3 +369,16 @@ def compare_lines(res: dict, name_a: str, name_b: str) -> list[str]:
             lines.append(f"{k:<8} {r['n']:>5} {r['a']:>7.2%} {r['b']:>7.2%} {r['wrong_to_right']:>13} "
                          f"{r['right_to_wrong']:>13} {r['p_mcnemar']:>10.4g}")
     return lines
+
+
+def rekey(rows: list[dict], key_file: Path) -> tuple[list[dict], int]:
+    """Predictions scored against another answer key (e.g. the other MMAU version), matched by id;
+    also how many predictions the key does not have."""
+    key = {it["id"]: it for it in load_items(key_file)}
+    out = []
+    for r in rows:
+        if r.get("id") in key:
+            k = key[r["id"]]
+            out.append({**r, **{f: k[f] for f in ("question", "choices", "answer", "task", "difficulty",
+                                                   "category", "sub-category") if f in k}})
+    return out, len(rows) - len(out)

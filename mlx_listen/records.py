@@ -22,6 +22,8 @@ from pathlib import Path
 
 from .errors import ListenError
 
+PRED_FILE = "predictions.jsonl"  # a run folder's (or a condition's) rows, one per item
+
 
 def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
     """Rows of a JSONL file; a partial last line (a kill mid-write) is dropped (and cut from the
@@ -130,3 +132,34 @@ def locked(folder: Path, name: str = ".lock"):
         yield
     finally:
         f.close()
+
+
+def read_predictions(path: Path) -> list[dict]:
+    """Our JSONL (a run folder or its file), or the official JSON array (`model_output` per item)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / PRED_FILE
+    if not path.exists():
+        raise ListenError(f"{path} not found")
+    try:
+        text = path.read_text(encoding="utf-8").lstrip()
+    except UnicodeDecodeError:
+        raise ListenError(f"{path} is not a predictions file (not UTF-8 text)") from None
+    if text.startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ListenError(f"{path} is not valid JSON ({e})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+            raise ListenError(f"{path}: expected a JSON array of prediction objects")
+        if not rows:
+            raise ListenError(f"{path} holds no predictions (an empty JSON array)")
+        return rows
+    if not text:
+        raise ListenError(f"{path} is empty")
+    if not text.startswith("{"):
+        raise ListenError(f"{path} is not a predictions file (neither our JSONL nor the official JSON array)")
+    rows = read_jsonl(path)
+    if not rows:
+        raise ListenError(f"{path} holds no predictions")
+    return rows

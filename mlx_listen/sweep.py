@@ -20,13 +20,13 @@ from tqdm import tqdm
 from . import mmau
 from .conditions import baseline, steered
 from .errors import ListenError, ListenWarning
-from .evaluate import EvalSpec, read_predictions, run_eval, select_items
+from .evaluate import EvalSpec, run_eval, select_items
 from .heads import HeadSet, random_heads
 from .identity import check_binding, model_signature
 from .load import model_shape
 from .plots import curve_plot
 from .prompt import prepare
-from .records import write_json
+from .records import read_predictions, write_json
 from .steering import SteerConfig, Steerer, from_heads, save_vector
 
 

@@ -265,3 +265,30 @@ def test_console_script(tiny_gqa, clips):
     _, ans = api_answer(tiny_gqa.mlx, [clips["a"]], max_tokens=4)
     assert last_json(p.stdout)["tokens"] == ans.tokens
     assert "Prompt:" in p.stderr and "Generation:" in p.stderr and "Prompt:" not in p.stdout
+
+
+# -- model-free commands stay model-free -----------------------------------------------------------
+MODEL_CODE = ("mlx_listen.model", "mlx_listen.language", "mlx_listen.load", "mlx_lm", "transformers", "torch")
+
+
+@pytest.mark.parametrize("cmd", ["--help", "eval score", "eval compare", "make-demo-set"])
+def test_model_free_commands_import_no_model_code(cmd, tmp_path):
+    """`eval score` once pulled in mlx-lm, transformers and torch (6.6 s for a JSONL re-score;
+    0.27 s now, benchmarks/bench_startup.py): the run folder readers live in `records`/`mmau`."""
+    preds = tmp_path / "p.jsonl"
+    preds.write_text("".join(json.dumps({"id": f"i{i}", "question": "q", "choices": ["a", "b"], "answer": "a",
+                                         "task": "sound", "difficulty": "easy", "model_output": "a"}) + "\n"
+                             for i in range(3)))
+    args = {"--help": ["--help"], "eval score": ["eval", "score", str(preds)],
+            "eval compare": ["eval", "compare", str(preds), str(preds)],
+            "make-demo-set": ["make-demo-set", str(tmp_path / "demo"), "--per-kind", "1"]}[cmd]
+    code = ("import sys, atexit\n"
+            "from mlx_listen.cli import main\n"
+            f"atexit.register(lambda: print('MODULES', *{MODEL_CODE!r}.__class__(m for m in {MODEL_CODE!r} "
+            "if m in sys.modules), file=sys.stderr))\n"
+            f"main({args!r})\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert p.returncode == 0, p.stderr
+    line = [x for x in p.stderr.splitlines() if x.startswith("MODULES")]
+    assert line == ["MODULES"], f"{cmd} imported model code: {line}"

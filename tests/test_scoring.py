@@ -287,7 +287,8 @@ def test_answerer_scores_every_condition_from_its_prefill(tiny_gqa, monkeypatch)
 @pytest.mark.parametrize("mode", ["both", "logprob"])
 def test_eval_score_modes(tiny_gqa, tmp_path, mode):
     from mlx_listen.demo_set import make_demo_set
-    from mlx_listen.evaluate import EvalSpec, read_predictions, run_eval
+    from mlx_listen.evaluate import EvalSpec, run_eval
+    from mlx_listen.records import read_predictions
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
     spec = EvalSpec(demo, demo.parent, str(tiny_gqa.mlx_path), tmp_path / "run", limit=4, max_tokens=4, score=mode)

@@ -223,7 +223,7 @@ def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
 
 
 def _split_rows(run):
-    from mlx_listen.evaluate import read_predictions
+    from mlx_listen.records import read_predictions
 
     return {r["id"] for r in read_predictions(run)}
 
