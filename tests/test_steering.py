@@ -86,6 +86,38 @@ def test_short_silence_pass_equals_full_pass(tiny_gqa):
             assert np.array_equal(np.array(short[l]), full)
 
 
+def test_silence_prefix_cache_gives_the_full_passes_residuals(tiny_gqa):
+    """The silent prompt's KV up to the end of its clips is kept per (ids, clip lengths) and reused
+    by other questions: every read, hit or miss, shallower or deeper, equals a full run's."""
+    model, processor = tiny_gqa.mlx
+    silence = Silence(model, prefix_size=2)
+
+    def check(clips, question, layers):
+        prompt = prepare(model, processor, clips, question)
+        silent = prepare(model, processor, [np.zeros_like(c) for c in clips], question)
+        _, cap = run_with_cache(model, silent, [RESID.format(l) for l in layers])
+        got = silence.residuals(prompt, layers)
+        for l in layers:
+            full = np.array(cap.resid(l, silent.last).astype(mx.float32))
+            np.testing.assert_allclose(np.array(got[l]), full, rtol=1e-5, atol=1e-5)
+
+    a, b = tone(2.0), tone(3.3, 330)
+    check([a], Q, [0])                                   # miss, depth 1
+    assert len(silence._prefixes) == 1
+    check([a], "Which instrument plays, and how fast?", [0])  # hit: another question, same length
+    check([a], "What is it?", [0, 1])                    # deeper: recomputed in place of the shallower
+    check([a], Q, [0])                                   # shallower hit from the deeper entry
+    assert len(silence._prefixes) == 1 and len(next(iter(silence._prefixes.values()))) == 2
+    check([b], Q, [1])                                   # another length: its own entry
+    check([a, b], Q, [0, 1])                             # two clips: keyed on both lengths
+    assert len(silence._prefixes) == 2                   # the oldest dropped
+    check([a], Q, [0, 1])                                # and it still works after being dropped
+    silence = Silence(model, prefix_size=0)              # keeps nothing: every read a miss
+    check([a], Q, [0, 1])
+    check([a], Q, [1])
+    assert not silence._prefixes
+
+
 def test_vector_file_round_trip_and_width_check(tiny_gqa, tmp_path):
     model, processor = tiny_gqa.mlx
     hidden = model.config.text_config.hidden_size
