@@ -628,9 +628,12 @@ def steer_build(heads_path, model, data, audio_dir, out, limit, alpha, prompt, f
               help="Random-head control sets (same K) swept alongside.")
 @TASKS
 @click.option("--steer-at", type=click.Choice(["all", "prompt"]), default="all", show_default=True)
+@click.option("--score", "score_mode", type=click.Choice(["generate", "logprob", "both"]), default="generate",
+              show_default=True, help="As in eval; logprob or both add the correct option's margin per alpha "
+              "(a graded curve, paired 95% CIs) and sweep_margin.png.")
 @FORCE
 def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction, seed, random_controls, limit, tasks,
-                prompt, max_tokens, steer_at, force):
+                prompt, max_tokens, steer_at, score_mode, force):
     """Accuracy vs alpha on a calibration split; the best alpha applied to the disjoint test split."""
     from mlx_listen.evaluate import EvalSpec
     from mlx_listen.heads import HeadSet
@@ -639,10 +642,11 @@ def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction,
 
     cfg = from_heads(HeadSet.load(heads_path), at=steer_at)
     spec = EvalSpec(data, audio_dir, model, out, limit=limit, tasks=tasks, prompt=prompt, max_tokens=max_tokens,
-                    bindings=_bindings(heads_path), force=force)
+                    bindings=_bindings(heads_path), force=force, score=score_mode)
     res = sweep(spec, cfg, alphas, calib_fraction=calib_fraction, seed=seed, n_random=random_controls)
     click.echo("\n".join(sweep_lines(res)))
-    click.echo(f"[INFO] wrote {out / 'sweep.json'} and {out / 'sweep.png'}", err=True)
+    extra = " and sweep_margin.png" if "margin_shift" in res["calibration"] else ""
+    click.echo(f"[INFO] wrote {out / 'sweep.json'} and {out / 'sweep.png'}{extra}", err=True)
 
 
 @steer.command("inspect")

@@ -47,6 +47,8 @@ Intervals and tests
 - `paired_accuracy(base_correct, treat_correct, *, tasks=None, method="newcombe", ...) -> dict`:
   treat - base with a 95% paired CI, discordant counts, McNemar exact p, per-task rows with
   Holm-adjusted p.
+- `paired_mean_diff(base, treat, level=0.95, min_group=10) -> dict`: mean paired difference
+  (e.g. the option log-prob margin, steered minus unsteered) with its t interval.
 - `mcnemar_exact(b, c)`, `newcombe_paired_ci(n11, n12, n21, n22)`, `holm(pvals)`.
 - `stratified_folds(ids, tasks, n_folds=2, seed=0) -> list[list[id]]`: disjoint folds covering
   every id once, balanced per task; independent of the input order.
@@ -774,6 +776,27 @@ def paired_accuracy(base_correct, treat_correct, *, tasks=None, method: str = "n
         for row, adj in zip(rows, holm([r["mcnemar_p"] for r in rows])):
             row["p_holm"] = adj
         out["per_task"] = rows
+    return out
+
+
+def paired_mean_diff(base, treat, level: float = 0.95, min_group: int = 10) -> dict:
+    """Mean of treat − base over paired items (e.g. the correct option's log-prob margin, steered
+    against unsteered), with its t interval (scipy's; paired, so the items' own spread cancels).
+    Non-finite pairs are dropped and counted; under `min_group` pairs ci95 is None."""
+    b = np.asarray(base, np.float64).ravel()
+    t = np.asarray(treat, np.float64).ravel()
+    if b.shape != t.shape:
+        raise ListenError(f"paired values of unequal length: {b.size} and {t.size}")
+    keep = np.isfinite(b) & np.isfinite(t)
+    d = t[keep] - b[keep]
+    n = int(d.size)
+    out = {"n": n, "dropped": int((~keep).sum()), "level": level,
+           "base_mean": float(b[keep].mean()) if n else None, "treat_mean": float(t[keep].mean()) if n else None,
+           "difference": float(d.mean()) if n else None, "ci95": None, "too_small": n < min_group}
+    if n >= max(min_group, 2):
+        se = float(d.std(ddof=1)) / np.sqrt(n)
+        half = float(_sps.t.ppf(0.5 + level / 2, n - 1)) * se
+        out["ci95"] = [out["difference"] - half, out["difference"] + half]
     return out
 
 

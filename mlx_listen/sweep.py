@@ -27,6 +27,7 @@ from .load import model_shape
 from .plots import curve_plot
 from .prompt import prepare
 from .records import read_predictions, write_json
+from .stats import paired_mean_diff
 from .steering import SteerConfig, Steerer, from_heads, save_vector
 
 
@@ -69,13 +70,13 @@ def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib
     conds = [baseline()] + [steered(replace(config, alpha=a), _name(a)) for a in alphas if a != 0]
     conds += [steered(replace(config, alpha=a, layers=c.layers, heads=c.heads), _name(a, i))
               for i, c in enumerate(controls) for a in alphas if a != 0]
-    cal = run_eval(replace(spec, out=out / "calibration", ids=set(calib), conditions=conds, limit=None),
-                   progress=progress)
+    cal_spec = replace(spec, out=out / "calibration", ids=set(calib), conditions=conds, limit=None)
+    cal = run_eval(cal_spec, progress=progress)
     acc = {c.name: cal[c.name].to_dict()["accuracy"] for c in conds}
     best = max(alphas, key=lambda a: (acc[_name(a)]["overall"], -abs(a)))
     test_conds = [baseline()] + ([steered(replace(config, alpha=best), _name(best))] if best != 0 else [])
-    tst = run_eval(replace(spec, out=out / "test", ids=set(test), conditions=test_conds, limit=None),
-                   progress=progress)
+    tst_spec = replace(spec, out=out / "test", ids=set(test), conditions=test_conds, limit=None)
+    tst = run_eval(tst_spec, progress=progress)
     result = {
         "alphas": list(alphas), "seed": seed, "calib_fraction": calib_fraction,
         "splits": {"calibration": calib, "test": test},
@@ -89,9 +90,34 @@ def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib
                                          read_predictions(out / "test" / _name(best) if best != 0 else out / "test"))},
         "data_sha256": mmau.file_sha256(spec.data), "model": spec.model, "prompt": spec.prompt,
     }
+    if spec.score != "generate":  # the graded effect: the correct option's log-prob margin, paired per item
+        base = _margins(cal_spec.dir_for(conds[0]))
+        result["calibration"]["margin_shift"] = {
+            "heads": {f"{a:g}": _shift(base, _margins(cal_spec.dir_for(_cond(conds, _name(a))))) for a in alphas},
+            "random": [{f"{a:g}": _shift(base, _margins(cal_spec.dir_for(_cond(conds, _name(a, i)))))
+                        for a in alphas} for i in range(n_random)]}
+        result["test"]["margin_shift"] = _shift(_margins(tst_spec.dir_for(test_conds[0])),
+                                                _margins(tst_spec.dir_for(test_conds[-1])))
     write_json(out / "sweep.json", result)
     _plot(result, out / "sweep.png")
+    if "margin_shift" in result["calibration"]:
+        _plot_margin(result, out / "sweep_margin.png")
     return result
+
+
+def _cond(conds, name: str):
+    return next(c for c in conds if c.name == name)
+
+
+def _margins(run_dir: Path) -> dict:
+    """id -> the correct option's log-prob margin, for the items this condition scored."""
+    return {r["id"]: r["margin"] for r in read_predictions(run_dir) if "margin" in r}
+
+
+def _shift(base: dict, treat: dict) -> dict:
+    """Mean margin change (treat − base) over the items both scored, with its paired 95% CI."""
+    ids = sorted(base.keys() & treat.keys())
+    return paired_mean_diff([base[i] for i in ids], [treat[i] for i in ids])
 
 
 def _plot(result: dict, path: Path):
@@ -103,6 +129,19 @@ def _plot(result: dict, path: Path):
         series[f"random heads #{i}: overall"] = [r[f"{a:g}"]["overall"] for a in alphas]
     curve_plot(alphas, series, path, "alpha", "accuracy (calibration split)",
                f"Accuracy vs steering strength; chosen alpha = {result['chosen_alpha']:g}")
+
+
+def _plot_margin(result: dict, path: Path):
+    alphas, shift = result["alphas"], result["calibration"]["margin_shift"]
+    series, bands = {}, {}
+    for name, per_alpha in [("specialist heads", shift["heads"])] + \
+            [(f"random heads #{i}", r) for i, r in enumerate(shift["random"])]:
+        rows = [per_alpha[f"{a:g}"] for a in alphas]
+        series[name] = [r["difference"] if r["difference"] is not None else np.nan for r in rows]
+        if all(r["ci95"] for r in rows):
+            bands[name] = ([r["ci95"][0] for r in rows], [r["ci95"][1] for r in rows])
+    curve_plot(alphas, series, path, "alpha", "margin change vs alpha 0 (calibration split)",
+               "Correct option's log-prob margin, steered minus unsteered (95% paired CI)", bands=bands)
 
 
 def build_vector(model, processor, items: Sequence[dict], audio_dir: Path, config: SteerConfig, prompt_preset: str,
@@ -177,4 +216,18 @@ def sweep_lines(res: dict) -> list[str]:
     lines.append(f"chosen alpha {res['chosen_alpha']:g}; test split ({len(res['splits']['test'])} items): "
                  f"base {t['base']['overall']:.1%} -> steered {t['steered']['overall']:.1%} "
                  f"(flips +{c['wrong_to_right']} / -{c['right_to_wrong']}, McNemar p {c['p_mcnemar']:.3g})")
+    if "margin_shift" in res["calibration"]:
+        lines.append("log-prob margin of the correct option, change vs alpha 0 (mean, 95% paired CI):")
+        for a in grid:
+            cells = [_shift_text(res["calibration"]["margin_shift"]["heads"][f"{a:g}"])]
+            cells += [f"random#{i} {_shift_text(r[f'{a:g}'])}" for i, r in enumerate(res["calibration"]["margin_shift"]["random"])]
+            lines.append(f"  alpha {a:>5g}: " + "  ".join(cells))
+        lines.append(f"  test split, chosen alpha: {_shift_text(t['margin_shift'])}")
     return lines
+
+
+def _shift_text(r: dict) -> str:
+    if r["difference"] is None:
+        return "no item scored"
+    ci = f" [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]" if r["ci95"] else " (too few items for a CI)"
+    return f"{r['difference']:+.3f}{ci}"

@@ -582,3 +582,27 @@ def test_reports_are_strict_json():
     for rep in reports:
         assert json.loads(json.dumps(rep, allow_nan=False)) == rep
     assert isinstance(S.matched_random_sets([(0, 0)], 3, 2, n_sets=2)[0][0][0], int)
+
+
+def test_paired_mean_diff_matches_scipy_and_covers_a_planted_shift():
+    from scipy import stats as sps
+
+    from mlx_listen.stats import paired_mean_diff
+
+    rng = np.random.default_rng(5)
+    base = rng.normal(0, 3, 200)  # the items' own spread is large; the pairing removes it
+    treat = base + 0.4 + rng.normal(0, 0.5, 200)
+    r = paired_mean_diff(base, treat)
+    lo, hi = sps.ttest_rel(treat, base).confidence_interval(0.95)
+    assert r["ci95"] == pytest.approx([lo, hi]) and r["ci95"][0] > 0
+    covered = 0
+    for s in range(400):  # the null: a 95% interval covers 0 about 95% of the time
+        g = np.random.default_rng(100 + s)
+        b = g.normal(0, 1, 30)
+        lo, hi = paired_mean_diff(b, b + g.normal(0, 1, 30))["ci95"]
+        covered += lo <= 0 <= hi
+    assert 0.92 <= covered / 400 <= 0.98
+    nan = paired_mean_diff([1.0, np.nan, 2.0], [1.5, 3.0, np.inf])
+    assert nan["n"] == 1 and nan["dropped"] == 2 and nan["ci95"] is None and nan["too_small"]
+    with pytest.raises(ListenError):
+        paired_mean_diff([1.0, 2.0], [1.0])

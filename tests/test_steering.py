@@ -292,3 +292,36 @@ def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     from mlx_listen.sweep import split_ids
 
     assert split_ids(load_items(demo), 0.5, 3) == (res["splits"]["calibration"], res["splits"]["test"])
+
+
+def test_sweep_with_logprob_scoring_gives_a_graded_margin_curve(tiny_gqa, tmp_path):
+    """--score both: per α (and per random control) the paired change of the correct option's
+    margin against α = 0, from the rows the runs wrote; α = 0 is exactly no change."""
+    from click.testing import CliRunner
+
+    from mlx_listen.cli import main
+    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.records import read_predictions
+    from mlx_listen.stats import paired_mean_diff
+
+    demo = make_demo_set(tmp_path / "demo", n_per_kind=2)
+    heads = tmp_path / "H.json"
+    heads.write_text(json.dumps({"heads": [[0, 1], [1, 3]], "k": 2}))
+    out = tmp_path / "sw"
+    r = CliRunner().invoke(main, ["steer", "sweep", "--heads", str(heads), "--data", str(demo), "--audio-dir",
+                                  str(demo.parent), "--model", str(tiny_gqa.mlx_path), "-m", "3", "--out", str(out),
+                                  "--alphas", "0,4", "--score", "both"])
+    assert r.exit_code == 0, r.output
+    assert "margin of the correct option" in r.output
+    res = json.loads((out / "sweep.json").read_text())
+    shift = res["calibration"]["margin_shift"]
+    zero = shift["heads"]["0"]
+    assert zero["difference"] == 0.0 and zero["n"] == len(res["splits"]["calibration"])
+    base = {r["id"]: r["margin"] for r in read_predictions(out / "calibration")}
+    for got, folder in ((shift["heads"]["4"], "alpha=4"), (shift["random"][0]["4"], "alpha=4-random0")):
+        treat = {r["id"]: r["margin"] for r in read_predictions(out / "calibration" / folder)}
+        ids = sorted(base)
+        want = paired_mean_diff([base[i] for i in ids], [treat[i] for i in ids])
+        assert got == pytest.approx(want) and got["difference"] != 0.0  # α = 4 moves the margins
+    assert res["test"]["margin_shift"]["n"] == len(res["splits"]["test"])
+    assert (out / "sweep_margin.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
