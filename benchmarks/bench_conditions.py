@@ -60,6 +60,7 @@ import numpy as np
 
 from mlx_listen.ask import ask
 from mlx_listen.audio import SAMPLE_RATE
+from mlx_listen.capture import RESID, Capture
 from mlx_listen.chat import Processor
 from mlx_listen.conditions import Answerer, baseline, steered
 from mlx_listen.config import ModelConfig
@@ -68,7 +69,7 @@ from mlx_listen.heads import HeadSet, random_heads
 from mlx_listen.language import DecoderLayer
 from mlx_listen.model import Model
 from mlx_listen.prompt import prepare
-from mlx_listen.steering import Silence, SteerConfig, read_residuals
+from mlx_listen.steering import Silence, SteerConfig
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0)
@@ -308,11 +309,22 @@ def summarise(a, res, prep, prompt, silence_encode_s, read, control) -> dict:
     return out
 
 
+def previous_pass(model, prompt, layers) -> dict:
+    """The silence pass before the prefix cache: the whole silent prompt through blocks 0..max(L*)."""
+    layers = sorted(set(layers))
+    T = prompt.last
+    with model.hooks.suspended(), Capture(model, [RESID.format(l) for l in layers], at=T) as cap:
+        model.language_model.model.blocks(prompt.embeddings[None], n_layers=max(layers) + 1)
+        out = {l: cap.resid(l, T).astype(mx.float32) for l in layers}
+        mx.eval(out)
+    return out
+
+
 # -- row S: the silence pass alone ---------------------------------------------------------------------
 
 def bench_silence(a, model, processor, rows: Rows, read, control) -> dict:
     """The silence pass three ways, with a plain answer timed in the same trials for ratios:
-    the previous library pass (`read_residuals` over the whole silent prompt), the library's
+    the previous library pass (`previous_pass`: the whole silent prompt), the library's
     `Silence.residuals` on a prefix miss (the first item of a clip length: the prefix computed, rows
     before T into the cache only, T alone) and on a hit (every later item of that length: only
     the question's text after the audio)."""
@@ -330,7 +342,7 @@ def bench_silence(a, model, processor, rows: Rows, read, control) -> dict:
     plain(warm), silence.residuals(warm, union), miss.residuals(warm, union)
     rows.n_prompt = len(prompt.ids)
     silence.residuals(other, union)  # the store holds this clip length (another question)
-    old = lambda layers: read_residuals(model, silence.prompt(prompt), layers)  # noqa: E731
+    old = lambda layers: previous_pass(model, silence.prompt(prompt), layers)  # noqa: E731
     variants = {"A: one plain answer": lambda: plain(prompt),
                 "previous pass (whole silent prompt), L*": lambda: old(read),
                 "library, prefix miss, L*": lambda: miss.residuals(prompt, read),

@@ -433,7 +433,7 @@ def inspect_direction(model, processor, *, headset=None, vector=None, items: Seq
             failed.append({"id": item["id"], "task": item.get("task"), "error": str(e)})
             continue
         a = read_residuals(model, prompt, all_layers)
-        s = read_residuals(model, silence.prompt(prompt), all_layers)
+        s = silence.residuals(prompt, all_layers)  # its encoding and prefix cached per clip length
         d_mx = mx.stack([a[l] - s[l] for l in read_layers]).mean(0) if read_layers else None  # as Steerer does
         diffs = np.stack([np.array(a[l] - s[l]) for l in all_layers])
         audio = np.stack([np.array(a[l]) for l in all_layers])

@@ -133,22 +133,11 @@ class Silence:
         KV cache is kept and a later item with clips of the same lengths runs only its own text
         (MMAU: ~45 of ~350 positions for a 10 s clip). Rows before T go into the cache alone (the
         deepest block's output there is never needed); T goes through the capture."""
-        layers = sorted(set(layers))
-        depth = layers[-1] + 1
         sil = self.prompt(prompt)
-        T = sil.last
-        start = min(int(sil.audio_positions.max()) + 1, T) if sil.n_audio_tokens else 0
-        blocks = self.model.language_model.model.blocks
+        start = min(int(sil.audio_positions.max()) + 1, sil.last) if sil.n_audio_tokens else 0
         with self.model.hooks.suspended():
-            cache = self._prefix(sil, start, depth)
-            if start < T:
-                blocks(sil.embeddings[None, start:T], cache=cache, n_layers=depth)
-                mx.eval([c.state for c in cache])
-            with Capture(self.model, [RESID.format(l) for l in layers], at=T) as cap:
-                blocks(sil.embeddings[None, T:], cache=cache, n_layers=depth)
-                out = {l: cap.resid(l, T).astype(mx.float32) for l in layers}
-                mx.eval(out)
-        return out
+            cache = self._prefix(sil, start, max(layers) + 1)
+        return read_residuals(self.model, sil, layers, cache=cache, start=start)
 
     def _prefix(self, sil: Prompt, end: int, depth: int) -> list[KVCache]:
         """A fresh KV cache of blocks 0..depth-1 holding the silent prompt's positions [0, end)."""
@@ -267,14 +256,24 @@ class _MassAtT:
         return self.cap.get(AUDIO_MASS.format(l), self.T)[0, h]
 
 
-def read_residuals(model, prompt: Prompt, layers: Sequence[int]) -> dict[int, mx.array]:
-    """h_l[T] (float32) for `layers`, running blocks 0..max(layers) only, every other hook held off."""
+def read_residuals(model, prompt: Prompt, layers: Sequence[int], cache: list | None = None,
+                   start: int = 0) -> dict[int, mx.array]:
+    """h_l[T] (float32) for `layers`, through blocks 0..max(layers) only, every other hook held off.
+
+    Rows [start, T) go into the KV cache alone (the deepest block's output there is never needed),
+    then T through the capture; `cache` holds positions [0, start) already (`Silence`'s prefix)."""
     layers = sorted(set(layers))
-    T = prompt.last
-    with model.hooks.suspended(), Capture(model, [RESID.format(l) for l in layers], at=T) as cap:
-        model.language_model.model.blocks(prompt.embeddings[None], n_layers=max(layers) + 1)
-        out = {l: cap.resid(l, T).astype(mx.float32) for l in layers}
-        mx.eval(out)
+    depth, T = layers[-1] + 1, prompt.last
+    blocks = model.language_model.model.blocks
+    cache = cache if cache is not None else [KVCache() for _ in range(depth)]
+    with model.hooks.suspended():
+        if start < T:
+            blocks(prompt.embeddings[None, start:T], cache=cache, n_layers=depth)
+            mx.eval([c.state for c in cache])
+        with Capture(model, [RESID.format(l) for l in layers], at=T) as cap:
+            blocks(prompt.embeddings[None, T:], cache=cache, n_layers=depth)
+            out = {l: cap.resid(l, T).astype(mx.float32) for l in layers}
+            mx.eval(out)
     return out
 
 

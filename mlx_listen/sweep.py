@@ -91,11 +91,11 @@ def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib
         "data_sha256": mmau.file_sha256(spec.data), "model": spec.model, "prompt": spec.prompt,
     }
     if spec.score != "generate":  # the graded effect: the correct option's log-prob margin, paired per item
-        base = _margins(cal_spec.dir_for(conds[0]))
+        margins = {c.name: _margins(cal_spec.dir_for(c)) for c in conds}
         result["calibration"]["margin_shift"] = {
-            "heads": {f"{a:g}": _shift(base, _margins(cal_spec.dir_for(_cond(conds, _name(a))))) for a in alphas},
-            "random": [{f"{a:g}": _shift(base, _margins(cal_spec.dir_for(_cond(conds, _name(a, i)))))
-                        for a in alphas} for i in range(n_random)]}
+            "heads": {f"{a:g}": _shift(margins["base"], margins[_name(a)]) for a in alphas},
+            "random": [{f"{a:g}": _shift(margins["base"], margins[_name(a, i)]) for a in alphas}
+                       for i in range(n_random)]}
         result["test"]["margin_shift"] = _shift(_margins(tst_spec.dir_for(test_conds[0])),
                                                 _margins(tst_spec.dir_for(test_conds[-1])))
     write_json(out / "sweep.json", result)
@@ -103,10 +103,6 @@ def sweep(spec: EvalSpec, config: SteerConfig, alphas: Sequence[float], *, calib
     if "margin_shift" in result["calibration"]:
         _plot_margin(result, out / "sweep_margin.png")
     return result
-
-
-def _cond(conds, name: str):
-    return next(c for c in conds if c.name == name)
 
 
 def _margins(run_dir: Path) -> dict:
