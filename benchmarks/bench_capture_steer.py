@@ -23,9 +23,9 @@ import numpy as np
 from bench_model import DTYPES, build_model  # same random mid-size model as bench_model.py
 
 from mlx_listen.audio import SAMPLE_RATE, audio_features
-from mlx_listen.capture import AUDIO_MASS, Capture
 from mlx_listen.generate import Prompt
-from mlx_listen.steering import SteerConfig, Steerer
+from mlx_listen.hooks import AUDIO_MASS, Capture
+from mlx_listen.interp.steering import SteerConfig, Steerer
 
 
 def parse_args():

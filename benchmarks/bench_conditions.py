@@ -60,16 +60,15 @@ import numpy as np
 
 from mlx_listen.ask import ask
 from mlx_listen.audio import SAMPLE_RATE
-from mlx_listen.capture import RESID, Capture
 from mlx_listen.chat import Processor
-from mlx_listen.conditions import Answerer, baseline, steered
-from mlx_listen.config import ModelConfig
+from mlx_listen.eval.conditions import Answerer, baseline, steered
 from mlx_listen.generate import generate
-from mlx_listen.heads import HeadSet, random_heads
-from mlx_listen.language import DecoderLayer
-from mlx_listen.model import Model
+from mlx_listen.headset import HeadSet, random_heads
+from mlx_listen.hooks import RESID, Capture
+from mlx_listen.interp.steering import Silence, SteerConfig
+from mlx_listen.models.qwen2 import DecoderLayer
+from mlx_listen.models.qwen2_audio import Model, ModelConfig
 from mlx_listen.prompt import prepare
-from mlx_listen.steering import Silence, SteerConfig
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 ALPHAS = (0.5, 1.0, 2.0, 3.0, 4.0)
@@ -107,7 +106,7 @@ def tiny_processor(vocab_size: int, folder: Path) -> Processor:
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from mlx_listen.convert.tiny import SPECIALS
+    from mlx_listen_convert.reference.tiny import SPECIALS
 
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
     for t in SPECIALS:

@@ -3,7 +3,7 @@
 1. Builds a random checkpoint with the hub's key names, torch layout (conv weights (out, in, k))
    and real shapes (config: tests/data/hub_config.json): bf16, 16.8 GB in 4 shards plus
    `model.safetensors.index.json`, with the tokenizer/processor files of a tiny checkpoint from
-   `mlx_listen.convert.tiny.build_tiny`. It is built shard by shard in MLX (never as a 33 GB fp32
+   `mlx_listen_convert.reference.tiny.build_tiny`. It is built shard by shard in MLX (never as a 33 GB fp32
    torch model), in a child process: on Linux a child's ru_maxrss starts at its parent's peak RSS
    (the forked memory map's high-water mark survives exec), so the measuring process must stay
    small (~20 MB; the table's footer says how small it was).
@@ -95,8 +95,7 @@ def hub_shapes(config: dict) -> dict[str, tuple[tuple[int, ...], str]]:
     """
     from mlx.utils import tree_flatten
 
-    from mlx_listen.config import ModelConfig
-    from mlx_listen.model import Model
+    from mlx_listen.models.qwen2_audio import Model, ModelConfig
 
     out = {}
     for k, v in tree_flatten(Model(ModelConfig.from_dict(config)).parameters()):
@@ -111,7 +110,7 @@ def tiny_reference(folder: Path) -> set[str]:
     """A tiny checkpoint from `build_tiny` (its side files are copied); → its key names."""
     import mlx.core as mx
 
-    from mlx_listen.convert.tiny import build_tiny
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     build_tiny(folder)
     return set(mx.load(str(folder / "model.safetensors")))

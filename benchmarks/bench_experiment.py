@@ -32,11 +32,11 @@ def main():
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
 
-    from mlx_listen import mmau
-    from mlx_listen.convert.convert import convert
-    from mlx_listen.convert.tiny import build_tiny
-    from mlx_listen.demo_set import make_demo_set
-    from mlx_listen.experiment import Settings, run_experiment
+    from mlx_listen.eval import mmau
+    from mlx_listen.eval.demo_set import make_demo_set
+    from mlx_listen.method.experiment import Settings, run_experiment
+    from mlx_listen_convert.convert import convert
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     work = a.out or Path(tempfile.mkdtemp(prefix="bench-exp-"))
     build_tiny(work / "hf", layers=a.layers, heads=a.heads, kv_heads=max(1, a.heads // 2), hidden=a.hidden,

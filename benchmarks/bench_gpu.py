@@ -8,7 +8,7 @@ Phases, each in its own process, in this order, each bounded by its own cap and 
 `OUT/results.json` and the tables to `OUT/table.md`, so a run cut short still returns what it did:
 
 1. build: a random bf16 checkpoint in the hub layout, shard by shard (`bench_convert.build_checkpoint`:
-   16.8 GB in 4 shards at full size), then a 4-bit MLX copy (`mlx_listen.convert.convert.convert(...,
+   16.8 GB in 4 shards at full size), then a 4-bit MLX copy (`mlx_listen_convert.convert.convert(...,
    quantize=True)`); both timed. The tokenizer is byte-level (convert/tiny.py's) with Qwen2-Audio's
    special-token ids (151643-151648) in a vocab padded with entries that encoding never produces,
    so prompts go through the real chat template and loader.
@@ -177,7 +177,7 @@ def prepare_side(dest: Path, config: dict) -> Path:
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    from mlx_listen.convert.tiny import build_tiny
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     first = check_specials(config)
     dest = Path(dest)
@@ -261,7 +261,7 @@ def phase_build(a, ph: Phase):
         return
 
     def quantise():
-        from mlx_listen.convert.convert import convert
+        from mlx_listen_convert.convert import convert
 
         t = time.perf_counter()
         convert(str(hf), str(q4), quantize=True, progress=False)
@@ -561,13 +561,14 @@ def phase_mlx(a, ph: Phase, quant: bool):
 def phase_answerer(a, ph: Phase):
     import numpy as np
 
-    from mlx_listen import mmau
+    from mlx_listen import presets
     from mlx_listen.audio import SAMPLE_RATE, load_audio
-    from mlx_listen.conditions import Answerer, baseline, steered
-    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.eval import mmau
+    from mlx_listen.eval.conditions import Answerer, baseline, steered
+    from mlx_listen.eval.demo_set import make_demo_set
+    from mlx_listen.interp.steering import Silence, SteerConfig
     from mlx_listen.load import load
     from mlx_listen.prompt import prepare
-    from mlx_listen.steering import Silence, SteerConfig
 
     ph.res["env"] = mlx_env()
     t = time.perf_counter()
@@ -597,7 +598,7 @@ def phase_answerer(a, ph: Phase):
 
     def one(name, it, x):
         tic = time.perf_counter()
-        prompt = prepare(model, processor, [features(x, it["audio_id"])], mmau.build_prompt(it, "r1-aqa"))
+        prompt = prepare(model, processor, [features(x, it["audio_id"])], presets.build_prompt(it, "r1-aqa"))
         answers = variants[name](prompt)
         total = time.perf_counter() - tic
         first = next(iter(answers.values()))

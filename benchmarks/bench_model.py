@@ -29,8 +29,7 @@ from mlx_lm.models import qwen2
 from mlx_lm.models.cache import make_prompt_cache
 
 from mlx_listen.audio import SAMPLE_RATE, audio_features, log_mel
-from mlx_listen.config import ModelConfig
-from mlx_listen.model import Model
+from mlx_listen.models.qwen2_audio import Model, ModelConfig
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 

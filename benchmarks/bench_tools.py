@@ -42,16 +42,21 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_conditions import Rows, build_model, clip, measure, tiny_processor  # noqa: E402
 
-from mlx_listen import mmau, scoring  # noqa: E402
-from mlx_listen.ablation import Ablation, condition  # noqa: E402
+from mlx_listen import (
+    presets,
+    scoring,  # noqa: E402
+)
 from mlx_listen.audio import SAMPLE_RATE  # noqa: E402
-from mlx_listen.conditions import Answerer, baseline, steered  # noqa: E402
+from mlx_listen.eval.conditions import Answerer, baseline, steered  # noqa: E402
 from mlx_listen.generate import prefill  # noqa: E402
-from mlx_listen.heads import HeadSet, random_heads  # noqa: E402
-from mlx_listen.lens import inspect_direction  # noqa: E402
-from mlx_listen.patching import PatchConfig, patch_prompt  # noqa: E402
+from mlx_listen.headset import HeadSet
+from mlx_listen.interp.ablation import Ablation, condition  # noqa: E402
+from mlx_listen.interp.lens import inspect_direction  # noqa: E402
+from mlx_listen.interp.patching import patch_prompt  # noqa: E402
+from mlx_listen.interp.steering import from_heads  # noqa: E402
+from mlx_listen.method.heads import random_heads  # noqa: E402
+from mlx_listen.method.patch_map import PatchConfig
 from mlx_listen.prompt import prepare  # noqa: E402
-from mlx_listen.steering import from_heads  # noqa: E402
 
 CHOICES = ["a dog barking", "a cat meowing", "a car horn", "rain on a roof"]
 ITEM = {"id": "bench-0", "audio_id": "bench.wav", "question": "Which sound is it?", "choices": CHOICES,
@@ -84,7 +89,7 @@ def main():
         heads = HeadSet(random_heads(n_layers, n_heads, min(a.k, n_layers * n_heads), 0))
         audio = clip(a.clip_seconds)
         sf.write(tmp / ITEM["audio_id"], audio, SAMPLE_RATE)
-        text = mmau.build_prompt(ITEM, mmau.DEFAULT_PRESET)
+        text = presets.build_prompt(ITEM, presets.DEFAULT_PRESET)
         rows = Rows()
 
         def item(seconds):
@@ -117,7 +122,7 @@ def main():
         }
         warm = item(1.0)
         rows.n_prompt = len(warm.ids)
-        wopts = scoring.option_ids(processor, warm, CHOICES, mmau.DEFAULT_PRESET)
+        wopts = scoring.option_ids(processor, warm, CHOICES, presets.DEFAULT_PRESET)
         for fn in variants.values():
             fn(warm, wopts)
         # the steady state of a run: the silence encoding and prefix cache of this clip length are
@@ -129,7 +134,7 @@ def main():
             cpu = time.process_time()
             prompt = item(a.clip_seconds)
             prep.append(time.process_time() - cpu)
-            opts = scoring.option_ids(processor, prompt, CHOICES, mmau.DEFAULT_PRESET)
+            opts = scoring.option_ids(processor, prompt, CHOICES, presets.DEFAULT_PRESET)
             rows.n_prompt = len(prompt.ids)
             names = list(variants) if trial % 2 == 0 else list(variants)[::-1]
             for n in names:

@@ -12,7 +12,7 @@ Readers ignore quantities they do not know and check only those present on both 
 later version can add quantities (head attention mass, listening score, steered logits)
 without breaking old bundles; `version` changes only when a meaning changes.
 
-MLX-free (numpy + safetensors) so the reference side can write it without MLX.
+numpy + safetensors; the config is read with the model family's own config class.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .config import ModelConfig
-from .mmau import file_sha256 as sha256_file  # noqa: F401  (re-exported for the reference side)
+from .models import model_config
 
 FORMAT = "mlx-listen-reference"
 VERSION = 1
@@ -68,7 +67,7 @@ def sketch(x: np.ndarray) -> np.ndarray:
 
 def config_hash(config: dict) -> str:
     """Hash of the architecture-defining config fields, insensitive to format (4.x/5.x) and dtype."""
-    c = ModelConfig.from_dict(config)
+    c = model_config(config)
     t, a = c.text_config, c.audio_config
     ident = {
         "text": [t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
@@ -109,7 +108,7 @@ FINGERPRINT_SLICES = LEGACY_FINGERPRINT_SLICES  # the old name (kept for importe
 
 def fingerprint_slices(config: dict) -> dict[str, tuple[slice, ...]]:
     """The tensors (hub names) and blocks a new bundle fingerprints, for a model of this config."""
-    c = ModelConfig.from_dict(config)
+    c = model_config(config)
     t, a = c.text_config, c.audio_config
     block = tuple(slice(0, n) for n in FINGERPRINT_BLOCK)
     out = {"language_model.model.embed_tokens.weight": LEGACY_FINGERPRINT_SLICES["language_model.model.embed_tokens.weight"]}

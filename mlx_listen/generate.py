@@ -24,11 +24,14 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.generate import GenerationResponse
 from mlx_lm.generate import stream_generate as mlx_lm_stream_generate
-from mlx_lm.models.cache import KVCache, make_prompt_cache
+from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-from .capture import AUDIO_MASS, RESID, Capture
 from .chat import Processor
+from .headset import listening
+from .hooks import AUDIO_MASS, RESID, Capture
+from .interp.edit import Row, add
+from .kvcache import keep_rows, repeat
 from .prompt import Prompt
 
 PREFILL_STEP = 2048  # mlx-lm's prefill chunk
@@ -49,11 +52,10 @@ def stream_generate(
     **kwargs,
 ) -> Iterator[GenerationResponse]:
     """Yield mlx-lm `GenerationResponse`s; `temp=0` is greedy (argmax)."""
-    limit = model.config.text_config.max_position_embeddings
-    max_tokens = min(max_tokens, limit - len(prompt.ids))
+    max_tokens = min(max_tokens, model.max_positions - len(prompt.ids))
     if seed is not None:
         mx.random.seed(seed)
-    if top_k >= model.config.text_config.vocab_size:  # keeping every token is no top-k at all
+    if top_k >= model.vocab_size:  # keeping every token is no top-k at all
         top_k = 0
     sampler = make_sampler(temp, top_p=top_p, min_p=min_p, top_k=top_k)
     processors = make_logits_processors(repetition_penalty=repetition_penalty) if repetition_penalty else None
@@ -132,8 +134,8 @@ def prefill(model, prompt: Prompt, *, layers: Sequence[int] = (), audio_mass: bo
     """Run the prompt as `generate_step` does (all positions but T in chunks, then T alone), keep
     the cache, and read at T the residual of `layers` and, if asked, every head's audio mass."""
     tic = time.perf_counter()
-    blocks = model.language_model.model.blocks
-    cache = make_prompt_cache(model.language_model)
+    blocks = model.blocks
+    cache = make_prompt_cache(model)
     emb, T = prompt.embeddings, prompt.last
     for a in range(0, T, step):
         blocks(emb[None, a:min(a + step, T)], cache)
@@ -149,15 +151,6 @@ def prefill(model, prompt: Prompt, *, layers: Sequence[int] = (), audio_mass: bo
 
 
 @dataclass
-class Row:
-    """One answer of a batch: `delta` (hidden,) is added to the last block's output at T and, with
-    `every_step`, at every generated position (None: the plain model)."""
-
-    delta: mx.array | None = None
-    every_step: bool = True
-
-
-@dataclass
 class Decoded:
     tokens: list[int]
     finish_reason: str
@@ -168,21 +161,6 @@ def _logprobs(logits: mx.array) -> mx.array:
     return logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # as generate_step, before the argmax
 
 
-def _fork(cache: list, n: int) -> list:
-    """n independent copies of a batch-1 KV cache (the rows of a batch)."""
-    out = []
-    for c in cache:
-        f = KVCache()
-        f.keys, f.values, f.offset = mx.repeat(c.keys, n, axis=0), mx.repeat(c.values, n, axis=0), c.offset
-        out.append(f)
-    return out
-
-
-def _keep_rows(cache: list, keep: mx.array):
-    for c in cache:
-        c.keys, c.values = c.keys[keep], c.values[keep]
-
-
 def decode(model, processor: Processor, pre: Prefill, rows: Sequence[Row], max_tokens: int, *,
            listen_heads: Sequence[tuple[int, int]] = ()) -> list[Decoded]:
     """Greedy answers for `rows` from one prefill, decoded together; a row leaves the batch when it
@@ -190,10 +168,8 @@ def decode(model, processor: Processor, pre: Prefill, rows: Sequence[Row], max_t
 
     `listen_heads`: also record, per row, the listening score (mean audio mass of these heads) at
     the position that chose each answer token (T for the first)."""
-    lm = model.language_model
     T, n = pre.prompt.last, len(rows)
-    limit = model.config.text_config.max_position_embeddings
-    max_tokens = max(0, min(max_tokens, limit - len(pre.prompt.ids)))
+    max_tokens = max(0, min(max_tokens, model.max_positions - len(pre.prompt.ids)))
     out = [Decoded([], "length") for _ in rows]
     if max_tokens == 0 or n == 0:
         return out
@@ -204,22 +180,22 @@ def decode(model, processor: Processor, pre: Prefill, rows: Sequence[Row], max_t
     first = mx.stack([zero if r.delta is None else r.delta.astype(dt) for r in rows])  # (n, hidden)
     later = mx.stack([zero if r.delta is None or not r.every_step else r.delta.astype(dt) for r in rows])
     steered = any(r.delta is not None and r.every_step for r in rows)
-    y = mx.argmax(_logprobs(lm.unembed((pre.final[None] + first)[:, None])[:, -1]), axis=-1)
+    y = mx.argmax(_logprobs(model.unembed(add(pre.final[None], first)[:, None])[:, -1]), axis=-1)
     mx.async_eval(y)
 
     eos = set(processor.tokenizer.eos_token_ids)
-    cache = _fork(pre.cache, n)
+    cache = repeat(pre.cache, n)
     alive = list(range(n))
     state = {"delta": later}
 
     def steer(h, point):  # each row's edit of the last block's output, at every decode step
-        return h + state["delta"][:, None]
+        return add(h, state["delta"][:, None])
 
     layers = sorted({l for l, _ in listen_heads})
     listen = Capture(model, [AUDIO_MASS.format(l) for l in layers], audio_positions=pre.prompt.audio_positions,
                      at=slice(T + 1, None)) if listen_heads else None
     history: list[list[int]] = []  # which rows were in the batch at each decode step
-    hooks = [(f"decoder.blocks.{len(model.layers) - 1}.hook_resid_post", steer)] if steered else []
+    hooks = [(RESID.format(model.n_layers - 1), steer)] if steered else []
     with model.hooks.using(hooks):
         if listen is not None:
             listen.__enter__()
@@ -228,7 +204,7 @@ def decode(model, processor: Processor, pre: Prefill, rows: Sequence[Row], max_t
                 last_step = step == max_tokens - 1
                 nxt = None
                 if not last_step:  # build the next step before reading this one (mlx-lm's pipelining)
-                    logits = lm(y[:, None], cache=cache)
+                    logits = model(y[:, None], cache=cache)
                     nxt = mx.argmax(_logprobs(logits[:, -1]), axis=-1)
                     mx.async_eval(nxt)
                     history.append(list(alive))
@@ -244,7 +220,7 @@ def decode(model, processor: Processor, pre: Prefill, rows: Sequence[Row], max_t
                     break
                 if len(keep) < len(alive):
                     idx = mx.array(keep)
-                    _keep_rows(cache, idx)
+                    keep_rows(cache, idx)
                     nxt = nxt[idx]
                     state["delta"] = state["delta"][idx]
                     alive = [alive[k] for k in keep]
@@ -258,13 +234,16 @@ def decode(model, processor: Processor, pre: Prefill, rows: Sequence[Row], max_t
 
 
 def _listening(out: list[Decoded], pre: Prefill, cap: Capture, history, heads, T: int):
-    at_T = float(np.mean([pre.audio_mass[l, h] for l, h in heads])) if pre.audio_mass is not None else None
-    per_layer = {l: [np.array(v[:, 0]) for v in cap.values.get(AUDIO_MASS.format(l), [])] for l, _ in heads}
+    at_T = listening(pre.audio_mass, heads) if pre.audio_mass is not None else None
+    steps = {l: [np.array(v[:, 0]) for v in cap.values.get(AUDIO_MASS.format(l), [])] for l, _ in heads}
     for i, d in enumerate(out):
         scores = [at_T]
         for s, rows in enumerate(history[: max(0, len(d.tokens) - 1)]):
             k = rows.index(i)
-            scores.append(float(np.mean([per_layer[l][s][k, h] for l, h in heads])))
+            mass = np.full(pre.audio_mass.shape, np.nan, np.float32)  # this row's heads at this step
+            for l in steps:
+                mass[l] = steps[l][s][k]
+            scores.append(listening(mass, heads))
         d.listening_tokens = scores[: len(d.tokens)] if d.tokens else []
 
 

@@ -1,7 +1,12 @@
 """Finding and loading a model: a local folder (HF or converted MLX) or a hub repo id.
 
-An HF folder loads directly: converting it is only two conv transposes and optional renames,
-done by `Model.sanitize` at load time, so there is no need to keep a second 17 GB copy.
+An HF folder loads directly: converting it is only key surgery (the family's `sanitize`), done at
+load time, so there is no need to keep a second 17 GB copy. The family comes from `config.json`'s
+`model_type` (`models.classes`).
+
+`ModelRef` is what every run takes as its model: a folder or repo id, or a model already loaded.
+What the config says (shape, weight fingerprint) is known without loading, so a run checks its
+inputs first and loads only when there is work to do, once.
 """
 
 from __future__ import annotations
@@ -18,9 +23,8 @@ from mlx_lm.utils import load_config, load_tokenizer
 from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .chat import Processor, find_chat_template, messages_for
-from .config import DEFAULT_MODEL, ModelConfig
 from .errors import ListenError, ModelError
-from .model import Model
+from .models import DEFAULT_MODEL, AudioLM, classes, model_config
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
 
@@ -87,26 +91,25 @@ def _check_shards(path: Path):
                          "missing (an interrupted download or copy?)")
 
 
-def load_model(path: Path, lazy: bool = False) -> tuple[Model, dict]:
-    """mlx-lm's loader (safetensors, quantisation block, strict load) with our classes."""
+def load_model(path: Path, lazy: bool = False) -> tuple[AudioLM, dict]:
+    """mlx-lm's loader (safetensors, quantisation block, strict load) with the family's classes."""
     config = read_config(path)
     try:
-        ModelConfig.from_dict(config)
+        model_config(config)
     except ValueError as e:
         raise ModelError(f"{path}: {e}") from None
     if not list(path.glob("model*.safetensors")):
         raise ModelError(f"{path} has no model*.safetensors weight files")
     _check_shards(path)
     try:
-        model, config = mlx_lm_load_model(
-            path, lazy=True, get_model_classes=lambda config: (Model, ModelConfig)
-        )
+        model, config = mlx_lm_load_model(path, lazy=True, get_model_classes=classes)
     except ValueError as e:
         raise ModelError(f"{path}: weights do not match the config: {_short(e)}") from None
     except (RuntimeError, OSError) as e:  # mx.load on a truncated or non-safetensors file
         raise ModelError(f"{path}: cannot read the weight files ({_short(e)})") from None
     if not lazy:
         mx.eval(model.parameters())
+    model.path = path  # where it came from (a plain attribute: not a parameter)
     return model, config
 
 
@@ -114,7 +117,7 @@ def model_shape(path_or_repo: str | Path) -> tuple[int, int]:
     """(decoder layers, heads per layer) from the config alone, without loading weights."""
     path = resolve(path_or_repo)
     try:
-        text = ModelConfig.from_dict(read_config(path)).text_config
+        text = model_config(read_config(path)).text_config
     except ValueError as e:
         raise ModelError(f"{path}: {e}") from None
     return text.num_hidden_layers, text.num_attention_heads
@@ -142,7 +145,7 @@ def load_processor(path: Path, config: dict) -> Processor:
     return processor
 
 
-def load(path_or_repo: str | Path = DEFAULT_MODEL, lazy: bool = False) -> tuple[Model, Processor]:
+def load(path_or_repo: str | Path = DEFAULT_MODEL, lazy: bool = False) -> tuple[AudioLM, Processor]:
     """`model, processor = load("Qwen/Qwen2-Audio-7B-Instruct")` (a folder works too)."""
     path = resolve(path_or_repo)
     model, config = load_model(path, lazy=lazy)
@@ -179,9 +182,47 @@ def weights_fingerprint(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def model_dtype(model: Model) -> mx.Dtype:
-    """The activation dtype (norm weights are never quantised)."""
-    return model.language_model.model.norm.weight.dtype
+class ModelRef:
+    """A model by folder or repo id (`ModelRef("Qwen/Qwen2-Audio-7B-Instruct")`), or one already
+    loaded (`ModelRef((model, processor))`): what every run takes as `model`. `shape` and
+    `fingerprint` need no weights; `get()` loads on first use and keeps the pair."""
+
+    def __init__(self, model):
+        if isinstance(model, ModelRef):
+            self.spec, self._loaded = model.spec, model._loaded
+        elif isinstance(model, tuple):
+            self._loaded = model
+            self.spec = getattr(model[0], "path", None)
+        else:
+            self.spec, self._loaded = model, None
+
+    @classmethod
+    def of(cls, model) -> "ModelRef":
+        return model if isinstance(model, ModelRef) else cls(model)
+
+    def __str__(self) -> str:
+        return str(self.spec)
+
+    @property
+    def path(self) -> Path:
+        if self.spec is None:
+            raise ModelError("this model was not loaded from a folder: its weights cannot be fingerprinted")
+        return resolve(self.spec)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(decoder layers, heads per layer)."""
+        if self._loaded is not None:
+            return self._loaded[0].n_layers, self._loaded[0].n_heads
+        return model_shape(self.spec)
+
+    def fingerprint(self) -> str:
+        return weights_fingerprint(self.path)
+
+    def get(self) -> tuple[AudioLM, Processor]:
+        if self._loaded is None:
+            self._loaded = load(self.spec)
+        return self._loaded
 
 
 def _short(e: Exception, limit: int = 400) -> str:

@@ -21,14 +21,16 @@ from tqdm import tqdm
 
 from . import identity
 from .audio import audio_features, load_audio
-from .bundle import QUANTITIES, Bundle, BundleError, config_hash, load_bundle, sha256_file, sketch
-from .capture import run_with_cache
+from .bundle import QUANTITIES, Bundle, BundleError, config_hash, load_bundle, sketch
 from .chat import messages_for
 from .errors import ListenError
 from .generate import generate
-from .load import load_model, load_processor, model_dtype, resolve
+from .headset import listening
+from .hooks import run_with_cache
+from .interp.steering import SteerConfig, Steerer
+from .load import load_model, load_processor, resolve
 from .prompt import prepare
-from .steering import SteerConfig, Steerer
+from .records import file_sha256
 
 FP32_RTOL = 1e-4
 FEATURE_ATOL = 1e-4
@@ -130,17 +132,13 @@ def fingerprint_errors(bundle: Bundle, model) -> tuple[dict[str, float], list[st
     return identity.fingerprint_errors(bundle.manifest.get("model") or {}, model)
 
 
-def _weight(model, name: str) -> mx.array:
-    return identity.weight(model, name)
-
-
 def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new_tokens: int) -> dict:
     """The bundle quantities of item `i`, computed by the MLX model (see `bundle.QUANTITIES`)."""
     item = bundle.items[i]
     path = root / item["audio"]
     if not path.exists():
         raise ListenError(f"item {item['id']}: audio {path} is missing from the bundle")
-    if sha256_file(path) != item["audio_sha256"]:
+    if file_sha256(path) != item["audio_sha256"]:
         raise ListenError(f"item {item['id']}: audio {path} differs from the one the reference used")
     feats = audio_features(load_audio(path), str(path))
     msgs = messages_for(item["question"], 1, item.get("system"))
@@ -160,12 +158,12 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         "features": f32(feats.mel[:, : feats.n_frames]),
         "encoder_sketch": sketch(f32(enc)), "encoder_norms": np.linalg.norm(f32(enc), axis=-1),
         "projector_sketch": sketch(f32(proj)), "projector_norms": np.linalg.norm(f32(proj), axis=-1),
-        "hidden_last": np.stack([f32(cap.resid(l, T)) for l in range(len(model.layers))]),
+        "hidden_last": np.stack([f32(cap.resid(l, T)) for l in range(model.n_layers)]),
         "logits_last": f32(logits[0]),
         "audio_mass": mass,
     }
     if bundle.manifest.get("heads"):
-        out["listening"] = np.array([np.mean([mass[l, h] for l, h in bundle.manifest["heads"]])])
+        out["listening"] = np.array([listening(mass, [tuple(h) for h in bundle.manifest["heads"]])])
     if max_new_tokens:
         out["greedy_tokens"] = np.array(generate(model, processor, prompt, max_tokens=max_new_tokens).tokens, np.int32)
     if steering := bundle.manifest.get("steering"):
@@ -174,8 +172,9 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         with st.applied(prompt):
             out["steered_logits_last"] = f32(run_with_cache(model, prompt, [])[0][0])
         if max_new_tokens:
-            out["steered_greedy_tokens"] = np.array(st.generate(processor, prompt, max_tokens=max_new_tokens).tokens,
-                                                    np.int32)
+            with st.applied(prompt):
+                tokens = generate(model, processor, prompt, max_tokens=max_new_tokens).tokens
+            out["steered_greedy_tokens"] = np.array(tokens, np.int32)
     return out
 
 
@@ -229,7 +228,7 @@ def parity(bundle_path, model_path=None, progress: bool = True) -> Report:
     check_identity(bundle, model, config)
 
     bits = _quant_bits(model)
-    ours_fp32 = model_dtype(model) == mx.float32 and bits is None
+    ours_fp32 = model.dtype == mx.float32 and bits is None
     ref_dtype, drift_dtype = bundle.manifest["dtype"], bundle.manifest.get("drift_dtype")
     fp32_ref = ref_dtype == "float32"
     if bits is not None:
@@ -238,7 +237,7 @@ def parity(bundle_path, model_path=None, progress: bool = True) -> Report:
         mode = "fp32"
     else:
         mode = "half"
-    report = Report(mode=f"MLX {'%d-bit' % bits if bits else str(model_dtype(model)).split('.')[-1]} vs "
+    report = Report(mode=f"MLX {'%d-bit' % bits if bits else str(model.dtype).split('.')[-1]} vs "
                          f"reference {ref_dtype}{' + ' + drift_dtype + ' drift' if drift_dtype else ''} "
                          f"on {bundle.manifest['device'].get('name') or bundle.manifest['device']['type']}")
     unknown = set()

@@ -62,16 +62,16 @@ def prepare(model, processor: Processor, clips: Sequence, question: str, system:
     """Audio → features → encoder/projector; prompt → ids; merge. One call per question."""
     feats = [as_features(c) for c in clips]
     ids = processor.encode(messages_for(question, len(feats), system), [f.n_tokens for f in feats])
-    limit = model.config.text_config.max_position_embeddings
+    limit = model.max_positions
     if len(ids) >= limit:
         raise ListenError(f"the prompt is {len(ids)} tokens, over the model's context of {limit}")
     tic = time.perf_counter()
-    enc = [model.audio_tower(f.mel, f.n_frames) for f in feats]
-    audio = [model.multi_modal_projector(e) for e in enc]
+    enc, audio = zip(*[model.encode(f.mel, f.n_frames) for f in feats]) if feats else ((), ())
+    enc, audio = list(enc), list(audio)
     mx.eval(enc, audio)
     encode_seconds = time.perf_counter() - tic
     emb = model.embed(ids, audio)
-    positions = np.flatnonzero(np.asarray(ids) == model.config.audio_token_index)
+    positions = model.audio_positions(ids)
     return Prompt(ids, emb, feats, positions, enc, audio, encode_seconds)
 
 

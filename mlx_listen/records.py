@@ -1,8 +1,10 @@
-"""Durable records: what every resumable command (eval, heads, validate-heads, sweep, experiment)
-writes, and how a folder says which run it belongs to.
+"""Durable records: what every resumable run (eval, heads, validate-heads, sweep, patch,
+experiment) writes, and how a folder says which run it belongs to.
 
-- JSONL, one fsync'd line per item: a run killed at any moment resumes where it stopped; a
-  half-written last line (a kill mid-write) is dropped, any other bad line is corruption.
+- `Stage`: the one resumable per-item pass. Its rows live in a JSONL file, one fsync'd line per
+  item: a run killed at any moment resumes where it stopped, nothing is redone or duplicated; a
+  half-written last line (a kill mid-write) is dropped, any other bad line is corruption. An item
+  whose work raises `ListenError` is recorded with its `error` and the run goes on.
 - Atomic writes (temporary file, fsync, rename): a reader never sees half a file.
 - Identity: `claim(path, identity)` writes what identifies a run (model fingerprint, data hash,
   prompt, decoding, conditions) on first use and refuses a later run with other settings.
@@ -12,17 +14,30 @@ writes, and how a folder says which run it belongs to.
 
 from __future__ import annotations
 
-import errno
-import fcntl
+import hashlib
 import json
 import os
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from filelock import FileLock, Timeout
+from tqdm import tqdm
 
 from .errors import ListenError
 
 PRED_FILE = "predictions.jsonl"  # a run folder's (or a condition's) rows, one per item
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file: recorded with every result (MMAU's JSON kept changing after release)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def read_jsonl(path: Path, repair: bool = False) -> list[dict]:
@@ -116,22 +131,59 @@ def locked(folder: Path, name: str = ".lock"):
     """Hold an exclusive lock on `folder` for the block; a second holder is refused at once."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    f = open(folder / name, "a+")
+    lock = FileLock(folder / name)
     try:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise ListenError(f"{folder} is in use by another mlx-listen process; wait for it to finish "
-                                  "or use another output") from None
-            raise
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise ListenError(f"{folder} is in use by another mlx-listen process; wait for it to finish "
+                          "or use another output") from None
+    try:
         yield
     finally:
-        f.close()
+        lock.release()
+
+
+class Stage:
+    """A resumable per-item pass whose rows are written to `path` (JSONL, one fsync'd line each).
+
+    `sources`: the files whose rows count as done (default: `path` alone; e.g. every rank's file
+    of an `eval` condition). `run(items, work)` computes what is missing, in order."""
+
+    def __init__(self, path: Path, sources: Sequence[Path] | None = None, repair: bool = True):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.done: dict = {}
+        for f in sources if sources is not None else [self.path]:
+            for r in read_jsonl(f, repair=repair):
+                self.done.setdefault(r["id"], r)
+
+    def todo(self, items: Iterable[dict]) -> list[dict]:
+        return [it for it in items if it["id"] not in self.done]
+
+    def add(self, row: dict):
+        append_jsonl(self.path, row)
+        self.done[row["id"]] = row
+
+    def rows(self, items: Iterable[dict]) -> list[dict]:
+        """The rows of `items` that are done, in the items' order."""
+        return [self.done[it["id"]] for it in items if it["id"] in self.done]
+
+    def run(self, items: Sequence[dict], work: Callable[[dict], dict], *, desc: str, progress: bool = True,
+            seconds: bool = False) -> list[dict]:
+        """Each missing item's row `{"id", "task", **work(item)}` (with its wall time in `seconds`
+        if asked); `ListenError` in `work` gives `{"id", "task", "error"}`. Returns every item's row."""
+        todo = self.todo(items)
+        for item in tqdm(todo, desc=desc, unit="item", file=sys.stderr, disable=not progress or not todo):
+            tic = time.perf_counter()
+            base = {"id": item["id"], "task": item.get("task")}
+            try:
+                row = {**base, **work(item)}
+            except ListenError as e:
+                row = {**base, "error": str(e)}
+            if seconds:
+                row["seconds"] = round(time.perf_counter() - tic, 4)
+            self.add(row)
+        return self.rows(items)
 
 
 def read_predictions(path: Path) -> list[dict]:

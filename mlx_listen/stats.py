@@ -1,7 +1,6 @@
 """Statistics for the head experiment: head scores with a chance reference, their stability,
-matched random-head controls, and the CIs / tests the reports print (shared/design/method.md §3.1,
-§3.2, §5). Pure numpy/scipy; it reads no model and imports nothing from the package except
-`ListenError`.
+matched random-head controls, and the CIs / tests the reports print. Pure numpy/scipy; it reads
+no model and imports nothing from the package except `ListenError`.
 
 Inputs are record-level arrays: `mass` (N, layers, heads) audio mass at the last prompt token,
 `correct` (N,) bool, `tasks` (N,) task names, `audio_tokens` (N,) ints. Every dict returned is
@@ -486,7 +485,9 @@ def split_half_jaccard(mass, correct, *, k: int, n_repeats: int = 50, seed: int 
 
 # -- matched random-head controls ---------------------------------------------------------------
 
-def _check_heads(heads, n_layers: int, n_heads: int, what: str, allow_empty: bool = False) -> list:
+def check_heads(heads, n_layers: int, n_heads: int, what: str = "heads", allow_empty: bool = False) -> list:
+    """`heads` as (layer, head) int pairs; refuses a malformed, empty (unless `allow_empty`) or
+    repeated list and heads a model of `n_layers` x `n_heads` does not have. The one head check."""
     try:
         hs = [(int(l), int(h)) for l, h in heads]
     except (TypeError, ValueError):
@@ -494,10 +495,11 @@ def _check_heads(heads, n_layers: int, n_heads: int, what: str, allow_empty: boo
     if not hs and not allow_empty:
         raise ListenError(f"{what}: no heads")
     if len(set(hs)) != len(hs):
-        raise ListenError(f"{what} list a head more than once")
+        dup = sorted({h for h in hs if hs.count(h) > 1})
+        raise ListenError(f"{what} list {dup} more than once")
     bad = [x for x in hs if not (0 <= x[0] < n_layers and 0 <= x[1] < n_heads)]
     if bad:
-        raise ListenError(f"{what} {bad} do not exist in a model of {n_layers} layers x {n_heads} heads")
+        raise ListenError(f"{what} {bad} do not exist in this model ({n_layers} layers x {n_heads} heads)")
     return hs
 
 
@@ -521,8 +523,8 @@ def _count_fills(layers, cap, counts, every_layer: bool) -> int:
 
 
 def _profile(heads, n_layers, n_heads, exclude):
-    hs = _check_heads(heads, n_layers, n_heads, "specialist heads")
-    ex = set(hs) if exclude is None else set(_check_heads(exclude, n_layers, n_heads, "excluded heads", True))
+    hs = check_heads(heads, n_layers, n_heads, "specialist heads")
+    ex = set(hs) if exclude is None else set(check_heads(exclude, n_layers, n_heads, "excluded heads", True))
     per_layer = Counter(l for l, _ in hs)
     cap = [n_heads - sum(1 for l, _ in ex if l == layer) for layer in range(n_layers)]
     return hs, ex, per_layer, cap

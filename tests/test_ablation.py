@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import tone
+from support import tone
 
-from mlx_listen.ablation import Ablation, head_means, load_means, parse_heads, parse_mode, save_means
-from mlx_listen.capture import AUDIO_MASS, run_with_cache
-from mlx_listen.conditions import Answerer, Condition, baseline
 from mlx_listen.errors import ListenError
+from mlx_listen.eval.conditions import Answerer, Condition, baseline
 from mlx_listen.generate import generate
+from mlx_listen.headset import parse_heads
+from mlx_listen.hooks import AUDIO_MASS, run_with_cache
+from mlx_listen.interp.ablation import Ablation, head_means, load_means, parse_mode, save_means
+from mlx_listen.presets import build_prompt
 from mlx_listen.prompt import prepare
 
 Q = "Describe the audio."
@@ -19,7 +21,7 @@ HEADS = [(0, 1), (1, 0), (1, 3)]
 
 @pytest.fixture(scope="module")
 def hf_eager(tiny):
-    from mlx_listen.convert import reference as R
+    from mlx_listen_convert.reference import hf as R
 
     return R.load_hf(tiny.hf_path, attn="eager", device="cpu")
 
@@ -27,7 +29,7 @@ def hf_eager(tiny):
 def hf_last_logits_and_tokens(model, processor, clips, n_tokens):
     import torch
 
-    from mlx_listen.convert.reference import hf_inputs
+    from mlx_listen_convert.reference.hf import hf_inputs
 
     inputs = hf_inputs(processor, clips, Q)
     with torch.no_grad():
@@ -52,7 +54,7 @@ CASES = [
 
 @pytest.mark.parametrize("name,kw", CASES, ids=[c[0] for c in CASES])
 def test_ablation_matches_pytorch(tiny, hf_eager, name, kw):
-    from mlx_listen.convert.reference_ablation import ablated, head_means_hf
+    from mlx_listen_convert.reference.ablation import ablated, head_means_hf
 
     model, processor = tiny.mlx
     hf, hp = hf_eager
@@ -134,7 +136,8 @@ def test_means_file_round_trip_and_checks(tiny_gqa, tmp_path):
 
 def test_parse_options(tmp_path):
     assert parse_heads("3.7, 12.0") == [(3, 7), (12, 0)]
-    assert parse_mode("scale:0.5") == ("scale", 0.5) and parse_mode("zero") == ("zero", 0.0)
+    assert parse_mode("scale:0.5") == ("scale", 0.5, False) and parse_mode("zero") == ("zero", 0.0, False)
+    assert parse_mode("audio") == ("zero", 0.0, True) and parse_mode("mean") == ("mean", 0.0, False)
     for bad in ("scale:nan", "scale:", "half"):
         with pytest.raises(ListenError):
             parse_mode(bad)
@@ -150,7 +153,7 @@ def test_ask_with_ablation(tiny_gqa, tmp_path):
     import json
 
     import soundfile as sf
-    from conftest import SR, invoke, ok
+    from support import SR, invoke, ok
 
     clip = tmp_path / "a.wav"
     sf.write(clip, tone(2.0), SR)
@@ -171,9 +174,9 @@ def test_ask_with_ablation(tiny_gqa, tmp_path):
 def test_eval_ablation_conditions_and_matched_controls(tiny_gqa, tmp_path):
     import json
 
-    from conftest import invoke, ok
+    from support import invoke, ok
 
-    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.eval.demo_set import make_demo_set
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
     out = tmp_path / "run"
@@ -203,14 +206,13 @@ def test_ablating_the_planted_head_flips_the_answer(tmp_path):
     answer comes through the eval condition and the command line alike."""
     import json
 
-    from conftest import invoke, ok
-    from planted import planted_model
+    from support import invoke, ok
+    from support.planted import planted_model
 
-    from mlx_listen import mmau
-    from mlx_listen.scoring import option_logprobs
+    from mlx_listen.interp.scoring import option_logprobs
 
     model, processor, layer, head, info = planted_model(tmp_path)
-    prompt = prepare(model, processor, [info["clip"]], mmau.build_prompt(info["item"], info["preset"]))
+    prompt = prepare(model, processor, [info["clip"]], build_prompt(info["item"], info["preset"]))
 
     def pick(ablation=None):
         if ablation is None:

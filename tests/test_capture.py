@@ -6,16 +6,16 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import tone
+from support import tone
 
-from mlx_listen.capture import AUDIO_MASS, ENC_PATTERN, PATTERN, RESID, Capture, Z, run_with_cache
 from mlx_listen.generate import generate
+from mlx_listen.hooks import AUDIO_MASS, ENC_PATTERN, PATTERN, RESID, Capture, Z, run_with_cache
 from mlx_listen.prompt import prepare
 
 
 @pytest.fixture(scope="module")
 def hf_eager(tiny):
-    from mlx_listen.convert import reference as R
+    from mlx_listen_convert.reference import hf as R
 
     return R.load_hf(tiny.hf_path, attn="eager", device="cpu")
 
@@ -24,7 +24,7 @@ def hf_attentions(hf_eager, clips, question, encoder_layer=None):
     """Decoder attention weights (and, optionally, one encoder layer's, via a forward hook)."""
     import torch
 
-    from mlx_listen.convert.reference import hf_inputs
+    from mlx_listen_convert.reference.hf import hf_inputs
 
     model, proc = hf_eager
     inputs = hf_inputs(proc, clips, question)
@@ -153,7 +153,7 @@ def test_capture_during_decode_keeps_memory_flat(tiny_gqa):
 
 def test_unknown_hook_name_is_refused(tiny_gqa):
     model, _ = tiny_gqa.mlx
-    with pytest.raises(ValueError, match="no hook matches"):
+    with pytest.raises(ValueError, match="no hook point matches"):
         Capture(model, "decoder.blocks.0.hook_nonsense")
     assert AUDIO_MASS.format(3) == "decoder.blocks.3.attn.hook_audio_mass"
     assert "decoder.blocks.1.attn.hook_z" in model.hook_points()

@@ -3,7 +3,7 @@
 import shutil
 
 import pytest
-from conftest import tone
+from support import tone
 
 from mlx_listen.audio import audio_features
 from mlx_listen.chat import messages_for, render_default
@@ -12,7 +12,7 @@ from mlx_listen.load import load_processor, read_config
 
 
 def hf_ids(tiny, clips, question, system=None):
-    from mlx_listen.convert.reference import hf_inputs
+    from mlx_listen_convert.reference.hf import hf_inputs
 
     return hf_inputs(tiny.hf_processor, clips, question, system)["input_ids"][0].tolist()
 

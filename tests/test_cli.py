@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SR, invoke, ok, tone
+from support import SR, invoke, ok, tone
 
 from mlx_listen import __version__
 from mlx_listen.audio import load_audio

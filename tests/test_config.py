@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from mlx_listen.config import ModelConfig
+from mlx_listen.models.qwen2_audio import ModelConfig
 
 HUB = json.loads((Path(__file__).parent / "data" / "hub_config.json").read_text())
 FIELDS = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",

@@ -27,16 +27,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
-from conftest import tone
 from mlx.utils import tree_flatten
+from support import tone
 
-from mlx_listen.convert.convert import convert
 from mlx_listen.errors import ModelError
 from mlx_listen.generate import generate
-from mlx_listen.load import load, model_dtype
+from mlx_listen.load import load
 from mlx_listen.prompt import prepare
+from mlx_listen_convert.convert import convert
 
-CONVERT = importlib.import_module("mlx_listen.convert.convert")  # the module (for monkeypatching)
+CONVERT = importlib.import_module("mlx_listen_convert.convert")  # the module (for monkeypatching)
 SIDE = ["tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "processor_config.json",
         "generation_config.json"]
 
@@ -133,7 +133,7 @@ def test_dtype_cast(tiny_gqa, tmp_path, dtype):
     config = json.loads((out / "config.json").read_text())
     assert config["dtype"] == dtype and "torch_dtype" not in config
     model, processor = load(out)
-    assert model_dtype(model) == getattr(mx, dtype)
+    assert model.dtype == getattr(mx, dtype)
     assert np.isfinite(last_logits(model, processor)).all()
 
 
@@ -274,7 +274,7 @@ def stall(path, *a, **kw):
     Path(sys.argv[3]).write_text(path)
     time.sleep(120)
 mx.save_safetensors = stall
-from mlx_listen.convert.convert import convert
+from mlx_listen_convert.convert import convert
 convert(sys.argv[1], sys.argv[2], progress=False)
 """
 

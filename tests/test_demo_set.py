@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from mlx_listen.demo_set import KINDS, SR, make_demo_set
-from mlx_listen.mmau import load_items, score
+from mlx_listen.eval.demo_set import KINDS, SR, make_demo_set
+from mlx_listen.eval.mmau import load_items, score
 
 KEYS = ["id", "audio_id", "question", "choices", "answer", "dataset", "task", "split", "category",
         "sub-category", "difficulty"]

@@ -29,9 +29,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import invoke, ok
+from support import invoke, ok
 
-from mlx_listen import evaluate, mmau
+from mlx_listen import presets
+from mlx_listen.eval import evaluate, mmau
 
 MAX_TOKENS = 4
 N_DEMO = 28  # make-demo-set's default: 7 kinds x 4
@@ -89,10 +90,10 @@ class Script:
         self.current = None
 
     def install(self, mp):
-        build = mmau.build_prompt
+        build = presets.build_prompt
         script = self
 
-        def build_prompt(item, preset=mmau.DEFAULT_PRESET):
+        def build_prompt(item, preset=presets.DEFAULT_PRESET):
             self.current = item  # run_eval builds each item's prompt just before answering it
             return build(item, preset)
 
@@ -106,7 +107,7 @@ class Script:
                 return {k: dataclasses.replace(r, answer=dataclasses.replace(r.answer, text=script.text(item, r.answer.text)))
                         if r.answer is not None else r for k, r in responses.items()}
 
-        mp.setattr(mmau, "build_prompt", build_prompt)
+        mp.setattr(presets, "build_prompt", build_prompt)
         mp.setattr(evaluate, "Answerer", Answerer)
         return self
 
@@ -234,7 +235,7 @@ def test_prompt_preset_reaches_the_model_and_run_settings_cannot_mix(demo, tiny_
     # The model saw the mmau text: its prompt length is that of the rebuilt mmau prompt, not r1-aqa's.
     _, processor = tiny_gqa.mlx
     for r, it in zip(rows, items):
-        n = {p: len(processor.encode(messages_for(mmau.build_prompt(it, p), 1), [r["audio_tokens"]]))
+        n = {p: len(processor.encode(messages_for(presets.build_prompt(it, p), 1), [r["audio_tokens"]]))
              for p in ("mmau", "r1-aqa")}
         assert r["prompt_tokens"] == n["mmau"] != n["r1-aqa"]
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sim_backend import SimBackend, make_items
+from support.sim_backend import SimBackend, make_items
 
 from mlx_listen import stats
 from mlx_listen.errors import ListenError
-from mlx_listen.experiment import Settings, outcome, run_experiment
+from mlx_listen.method.experiment import Settings, outcome, run_experiment
 
 FAST = dict(n_perm=100, n_boot=50)
 
@@ -146,9 +146,9 @@ def test_resume_after_sigkill(tmp_path):
     """Killed in the middle, rerun: the same report as an uninterrupted run, no row twice."""
     data = tmp_path / "data.json"
     make_items(48, data)
-    script = Path(__file__).with_name("sim_backend.py")
+    script = Path(__file__).parent / "support" / "sim_backend.py"
     whole = tmp_path / "whole"  # the uninterrupted run, in process (what sim_backend.main runs)
-    from sim_backend import main
+    from support.sim_backend import main
 
     argv = sys.argv
     sys.argv = ["sim_backend.py", str(data), str(whole), "0"]
@@ -178,15 +178,15 @@ def test_experiment_command_with_a_tiny_model(tmp_path, monkeypatch):
     The tiny model answers gibberish, so an answer counts as right when its text and the key have
     lengths of the same parity (a rule that follows both the item and what the model says, so
     steering and ablation move it)."""
-    from conftest import invoke, ok
+    from support import invoke, ok
 
-    from mlx_listen import mmau
+    from mlx_listen.eval import mmau
 
     monkeypatch.setattr(mmau, "string_match", lambda answer, prediction, choices: (len(prediction) + len(answer)) % 2 == 0)
 
-    from mlx_listen.convert.convert import convert
-    from mlx_listen.convert.tiny import build_tiny
-    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.eval.demo_set import make_demo_set
+    from mlx_listen_convert.convert import convert
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     build_tiny(tmp_path / "hf", layers=4, heads=4, kv_heads=2, init_range=0.1, seed=3)
     model = convert(str(tmp_path / "hf"), str(tmp_path / "mlx"), progress=False)

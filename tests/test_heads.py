@@ -1,4 +1,4 @@
-"""Audio-specialist heads (shared/design/method.md §3.1-3.2, §4.1): scores, ranking, the
+"""Audio-specialist heads (arXiv 2603.06854): scores, ranking, the
 listening score, the `heads` / `validate-heads` / `attention` commands and `ask --listen`.
 
 The library half runs on synthetic arrays with known answers (Pearson r against numpy, AUC by
@@ -18,12 +18,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import invoke, ok, tone
+from support import invoke, ok, tone
 
-from mlx_listen import heads as H
-from mlx_listen import mmau
-from mlx_listen.demo_set import make_demo_set
+from mlx_listen import stats
 from mlx_listen.errors import ListenError
+from mlx_listen.eval import mmau
+from mlx_listen.eval.conditions import Answerer
+from mlx_listen.eval.demo_set import make_demo_set
+from mlx_listen.headset import HeadSet, random_heads
+from mlx_listen.method.heads import find_heads, top_heads
+from mlx_listen.method.validation import validate
+from mlx_listen.presets import build_prompt
+from mlx_listen.records import file_sha256
 
 MAX_TOKENS = 4
 N_DEMO = 28
@@ -65,18 +71,18 @@ def rows_of(path: Path) -> list[dict]:
 
 
 class Counter:
-    """Wraps `heads.answer_with_mass`, recording each call's audio mass (the model's work)."""
+    """Wraps `Answerer.respond`, recording each answer's audio mass (the model's work)."""
 
     def __init__(self, mp):
         self.masses = []
-        real = H.answer_with_mass
+        real = Answerer.respond
 
-        def wrapped(*a, **kw):
-            ans, mass = real(*a, **kw)
-            self.masses.append(mass)
-            return ans, mass
+        def wrapped(answerer, *a, **kw):
+            out = real(answerer, *a, **kw)
+            self.masses.append(out["base"].answer.audio_mass)
+            return out
 
-        mp.setattr(H, "answer_with_mass", wrapped)
+        mp.setattr(Answerer, "respond", wrapped)
 
     @property
     def n(self):
@@ -124,7 +130,7 @@ def test_pearson_r_equals_numpy_corrcoef_per_head():
     mass = rng.random((57, 3, 5))
     mass[:, 1] *= 1e-3  # small-valued heads are scored like any other
     correct = rng.random(57) < 0.4
-    r = H.head_scores(mass, correct)
+    r = stats.head_scores(mass, correct)
     assert r.shape == (3, 5)
     for l in range(3):
         for h in range(5):
@@ -139,7 +145,7 @@ def test_constant_head_scores_zero():
     mass[:, 1, 3] = 1 / 3
     mass[:, 1, 0] = 0.0
     correct = rng.random(300) < 0.5
-    r = H.head_scores(mass, correct)
+    r = stats.head_scores(mass, correct)
     assert r[0, 1] == 0.0 and r[1, 3] == 0.0 and r[1, 0] == 0.0
     assert np.count_nonzero(r) == 5
 
@@ -148,22 +154,22 @@ def test_constant_head_scores_zero():
 def test_all_right_or_all_wrong_is_a_clear_error(value, word):
     mass = np.random.default_rng(3).random((10, 2, 3))
     with pytest.raises(ListenError, match=f"every calibration item is {word}"):
-        H.head_scores(mass, np.full(10, value))
+        stats.head_scores(mass, np.full(10, value))
     rows = [{"audio_mass": m.tolist(), "correct": value} for m in mass]
     with pytest.raises(ListenError, match="undefined"):
-        H.find_heads(rows, 3, {})
+        find_heads(rows, 3, {})
     with pytest.raises(ListenError, match="no calibration items"):
-        H.find_heads([], 3, {})
+        find_heads([], 3, {})
 
 
 def test_top_heads_best_first_ties_by_layer_then_head():
     s = np.array([[0.1, 0.5, -0.2],
                   [0.5, 0.9, 0.5],
                   [-0.7, 0.0, 0.5]])
-    assert H.top_heads(s, 9) == [(1, 1), (0, 1), (1, 0), (1, 2), (2, 2), (0, 0), (2, 1), (0, 2), (2, 0)]
-    assert H.top_heads(s, 2) == [(1, 1), (0, 1)]
+    assert top_heads(s, 9) == [(1, 1), (0, 1), (1, 0), (1, 2), (2, 2), (0, 0), (2, 1), (0, 2), (2, 0)]
+    assert top_heads(s, 2) == [(1, 1), (0, 1)]
     # largest positive r, not largest |r|: the strongly negative head (2, 0) comes last
-    assert H.top_heads(s, 9)[-1] == (2, 0)
+    assert top_heads(s, 9)[-1] == (2, 0)
 
 
 def test_planted_head_ranks_first_on_synthetic_data():
@@ -174,7 +180,7 @@ def test_planted_head_ranks_first_on_synthetic_data():
         pl, ph = int(rng.integers(L)), int(rng.integers(Hh))
         x = mass[:, pl, ph] + 0.05 * rng.standard_normal(n)
         rows = [{"audio_mass": m.tolist(), "correct": bool(c)} for m, c in zip(mass, x > np.median(x))]
-        hs = H.find_heads(rows, 5, {"model": "m"})
+        hs = find_heads(rows, 5, {"model": "m"})
         assert hs.heads[0] == (pl, ph)
         assert len(hs.heads) == 5 and len(set(hs.heads)) == 5
         others = np.delete(hs.scores.ravel(), pl * Hh + ph)
@@ -182,36 +188,36 @@ def test_planted_head_ranks_first_on_synthetic_data():
         assert hs.meta["n_items"] == n and hs.meta["accuracy"] == 0.5 and hs.meta["model"] == "m"
         # the opposite dependence makes it the worst head, not the best
         flipped = [dict(r, correct=not r["correct"]) for r in rows]
-        assert H.top_heads(H.find_heads(flipped, 5, {}).scores, L * Hh)[-1] == (pl, ph)
+        assert top_heads(find_heads(flipped, 5, {}).scores, L * Hh)[-1] == (pl, ph)
 
 
 def test_ranking_is_deterministic_and_order_free():
     rng = np.random.default_rng(7)
     mass = rng.random((40, 3, 4))
     rows = [{"audio_mass": m.tolist(), "correct": bool(c)} for m, c in zip(mass, rng.random(40) < 0.5)]
-    a = H.find_heads(rows, 6, {})
-    b = H.find_heads(rows, 6, {})
-    c = H.find_heads([rows[i] for i in rng.permutation(40)], 6, {})
+    a = find_heads(rows, 6, {})
+    b = find_heads(rows, 6, {})
+    c = find_heads([rows[i] for i in rng.permutation(40)], 6, {})
     assert a.heads == b.heads == c.heads
     assert np.allclose(a.scores, c.scores, atol=1e-12)
     with pytest.raises(ListenError, match="only 12 heads|12 heads"):  # k above the head count: refused, not capped
-        H.find_heads(rows, 100, {})
+        find_heads(rows, 100, {})
 
 
 # -- the listening score, AUC, bootstrap, random control ------------------------------------------
 
 def test_listening_is_the_mean_over_the_selected_heads():
     mass = np.arange(12.0).reshape(3, 4) / 20
-    hs = H.HeadSet([(0, 1), (2, 3), (1, 0)])
+    hs = HeadSet([(0, 1), (2, 3), (1, 0)])
     assert hs.listening(mass) == pytest.approx((mass[0, 1] + mass[2, 3] + mass[1, 0]) / 3)
     assert hs.layers == [0, 1, 2]
-    assert H.HeadSet([(2, 0), (2, 1)]).layers == [2]
+    assert HeadSet([(2, 0), (2, 1)]).layers == [2]
 
 
 def test_random_heads_seeded_distinct_and_uniform():
     L, Hh, k = 3, 4, 5
-    assert H.random_heads(L, Hh, k, 0) == H.random_heads(L, Hh, k, 0)
-    draws = [H.random_heads(L, Hh, k, s) for s in range(3000)]
+    assert random_heads(L, Hh, k, 0) == random_heads(L, Hh, k, 0)
+    draws = [random_heads(L, Hh, k, s) for s in range(3000)]
     assert len({tuple(d) for d in draws[:50]}) > 40  # seeds give different sets
     for d in draws:
         assert len(d) == k and len(set(d)) == k
@@ -223,7 +229,7 @@ def test_random_heads_seeded_distinct_and_uniform():
     expected = 3000 * k / (L * Hh)
     chi2 = ((counts - expected) ** 2 / expected).sum()
     assert chi2 < 31.3, counts  # chi-square, 11 degrees of freedom, p = 0.001
-    assert sorted(H.random_heads(L, Hh, L * Hh, 9)) == [(l, h) for l in range(L) for h in range(Hh)]
+    assert sorted(random_heads(L, Hh, L * Hh, 9)) == [(l, h) for l in range(L) for h in range(Hh)]
 
 
 def test_validate_on_synthetic_records():
@@ -234,7 +240,7 @@ def test_validate_on_synthetic_records():
     mass[kind == 0, 2, 1] += 0.5  # the selected head listens more when the audio matters
     rows = [{"audio_mass": m.tolist(), "choice_audio": 0, "choice_silence": {0: 1, 1: 0, 2: 0, 3: None}[int(k)]}
             for m, k in zip(mass, kind)]
-    rep = H.validate(H.HeadSet([(2, 1)]), rows, seed=0, n_random=4)
+    rep = validate(HeadSet([(2, 1)]), rows, seed=0, n_random=4)
     changed, unchanged = kind == 0, (kind == 1) | (kind == 2)
     assert (rep["n"], rep["n_changed"], rep["n_unchanged"], rep["n_unparsable"]) == (n, 15, 30, 15)
     h = rep["heads"]
@@ -248,10 +254,10 @@ def test_validate_on_synthetic_records():
     json.dumps(rep, allow_nan=False)
     # a group under 10 items: reported as too small, no interval
     few = rows[:30]
-    rep = H.validate(H.HeadSet([(2, 1)]), few)
+    rep = validate(HeadSet([(2, 1)]), few)
     assert rep["n_changed"] == 8 and rep["heads"]["too_small"] and rep["heads"]["auc_ci95"] is None
     # one group empty: undefined values are null, never NaN
-    rep = H.validate(H.HeadSet([(2, 1)]), [dict(r, choice_silence=1) for r in rows])
+    rep = validate(HeadSet([(2, 1)]), [dict(r, choice_silence=1) for r in rows])
     assert rep["heads"]["auc"] is None and rep["heads"]["difference_ci95"] is None
     assert rep["random_auc_mean"] is None and rep["heads"]["mean_unchanged"] is None
     json.dumps(rep, allow_nan=False)
@@ -261,13 +267,13 @@ def test_validate_on_synthetic_records():
 
 def test_headset_save_load_round_trip(tmp_path):
     scores = np.random.default_rng(8).uniform(-1, 1, (3, 5))
-    hs = H.HeadSet(H.top_heads(scores, 4), scores, {"model": "m", "data": "abc", "n_items": 7, "accuracy": 0.5})
+    hs = HeadSet(top_heads(scores, 4), scores, {"model": "m", "data": "abc", "n_items": 7, "accuracy": 0.5})
     path = tmp_path / "HEADS.json"
     hs.save(path)
     raw = json.loads(path.read_text())
     assert raw["heads"] == [list(h) for h in hs.heads] and raw["k"] == 4
     assert set(raw["scores"]) == {f"{l},{h}" for l in range(3) for h in range(5)}
-    back = H.HeadSet.load(path)
+    back = HeadSet.load(path)
     assert back.heads == hs.heads and all(isinstance(x, int) for h in back.heads for x in h)
     assert back.scores.shape == (3, 5) and np.allclose(back.scores, scores, atol=1e-6)
     assert back.meta == hs.meta
@@ -275,7 +281,7 @@ def test_headset_save_load_round_trip(tmp_path):
     assert json.loads((tmp_path / "again.json").read_text()) == raw
 
     (tmp_path / "plain.json").write_text(json.dumps({"heads": [[1, 2]]}))
-    plain = H.HeadSet.load(tmp_path / "plain.json")
+    plain = HeadSet.load(tmp_path / "plain.json")
     assert plain.heads == [(1, 2)] and plain.scores is None
 
 
@@ -287,35 +293,35 @@ def test_headset_load_refuses_bad_files(tmp_path, text, why):
     path = tmp_path / "h.json"
     path.write_text(text)
     with pytest.raises(ListenError, match=why):
-        H.HeadSet.load(path)
+        HeadSet.load(path)
     with pytest.raises(ListenError, match="not a HEADS.json"):
-        H.HeadSet.load(tmp_path / "missing.json")
+        HeadSet.load(tmp_path / "missing.json")
 
 
 def test_headset_check_refuses_heads_outside_the_model():
-    H.HeadSet([(0, 0), (1, 3)]).check(2, 4)
+    HeadSet([(0, 0), (1, 3)]).check(2, 4)
     for bad in [(2, 0), (0, 4), (-1, 0), (0, -1)]:
         with pytest.raises(ListenError, match=r"do not exist in this model \(2 layers x 4 heads\)"):
-            H.HeadSet([(0, 0), bad]).check(2, 4)
+            HeadSet([(0, 0), bad]).check(2, 4)
 
 
 # -- audio mass on the tiny model -------------------------------------------------------------------
 
 def test_mass_captured_during_generation_equals_prefill_capture(demo, tiny_gqa):
     from mlx_listen.audio import load_audio
-    from mlx_listen.capture import AUDIO_MASS, PATTERN, run_with_cache
     from mlx_listen.generate import generate
+    from mlx_listen.hooks import AUDIO_MASS, PATTERN, run_with_cache
     from mlx_listen.prompt import prepare
 
     model, processor = tiny_gqa.mlx
     root, _, items = demo
     for item in items[:3]:
-        prompt = prepare(model, processor, [load_audio(root / item["audio_id"])], mmau.build_prompt(item))
+        prompt = prepare(model, processor, [load_audio(root / item["audio_id"])], build_prompt(item))
         T = len(prompt.ids) - 1
-        from mlx_listen.conditions import Answerer, baseline
+        from mlx_listen.eval.conditions import Answerer, baseline
 
-        ans, mass = H.answer_with_mass(Answerer(model, processor, [baseline()], max_tokens=MAX_TOKENS,
-                                                audio_mass=True), prompt)
+        ans = Answerer(model, processor, [baseline()], max_tokens=MAX_TOKENS, audio_mass=True)(prompt)["base"]
+        mass = ans.audio_mass
         assert ans.text == generate(model, processor, prompt, max_tokens=MAX_TOKENS, temp=0.0).text
         _, cap = run_with_cache(model, prompt, [AUDIO_MASS.format("*"), PATTERN.format("*")], at=slice(0, None))
         prefill = cap.audio_mass(T)
@@ -336,7 +342,7 @@ def test_planted_head_ranks_first_on_real_records(heads_run):
         for h in range(Hh):
             x = mass[:, l, h]
             planted = [dict(r, correct=bool(v > np.median(x))) for r, v in zip(rows, x)]
-            hs = H.find_heads(planted, K, {})
+            hs = find_heads(planted, K, {})
             assert hs.heads[0] == (l, h), (l, h, hs.heads)
 
 
@@ -363,17 +369,17 @@ def test_heads_command_outputs(demo, tiny_gqa, heads_run, shape):
                 "model_signature", "null", "stability", "other_center"):
         assert key in raw, key
     assert raw["k"] == K and len(raw["heads"]) == K
-    assert raw["model"] == str(tiny_gqa.mlx_path) and raw["data_sha256"] == mmau.file_sha256(data)
+    assert raw["model"] == str(tiny_gqa.mlx_path) and raw["data_sha256"] == file_sha256(data)
     assert raw["n_items"] == N_DEMO and raw["accuracy"] == 0.5  # the demo set balances positions
     assert (raw["prompt"], raw["max_tokens"], raw["seed"]) == ("r1-aqa", MAX_TOKENS, 0)
     assert set(raw["scores"]) == {f"{l},{h}" for l in range(L) for h in range(Hh)}
     # scores = Pearson r of the stored records; heads = the K best, best first
     mass = np.array([r["audio_mass"] for r in rows])
-    want = H.head_scores(mass, np.array([r["correct"] for r in rows]))
+    want = stats.head_scores(mass, np.array([r["correct"] for r in rows]))
     for l in range(L):
         for h in range(Hh):
             assert raw["scores"][f"{l},{h}"] == pytest.approx(want[l, h], abs=1e-6)
-    assert [tuple(x) for x in raw["heads"]] == H.top_heads(want, K)
+    assert [tuple(x) for x in raw["heads"]] == top_heads(want, K)
     r_sel = [raw["scores"][f"{l},{h}"] for l, h in raw["heads"]]
     assert r_sel == sorted(r_sel, reverse=True) and min(r_sel) >= max(
         v for k, v in raw["scores"].items() if [int(x) for x in k.split(",")] not in raw["heads"])
@@ -402,7 +408,7 @@ def test_heads_command_outputs(demo, tiny_gqa, heads_run, shape):
 def test_heads_command_finds_a_planted_head(demo, tiny_gqa, heads_run, tmp_path, monkeypatch):
     """End to end: correctness follows one head's audio mass (the parity run's worst head)."""
     rows = rows_of(heads_run[0].with_name("HEADS.items.jsonl"))
-    parity_scores = H.HeadSet.load(heads_run[0]).scores
+    parity_scores = HeadSet.load(heads_run[0]).scores
     l, h = np.unravel_index(np.argmin(parity_scores), parity_scores.shape)
     threshold = np.median([r["audio_mass"][l][h] for r in rows])
     count = Counter(monkeypatch)
@@ -424,7 +430,7 @@ def test_heads_ranking_is_deterministic_across_runs(demo, tiny_gqa, heads_run, t
         return {k: v for k, v in r.items() if k != "seconds"}
 
     assert [drop(r) for r in again] == [drop(r) for r in first10]  # same answers, same masses
-    want = H.find_heads(first10, K, {})
+    want = find_heads(first10, K, {})
     raw = json.loads(out.read_text())
     assert [tuple(x) for x in raw["heads"]] == want.heads and raw["n_items"] == 10
 
@@ -497,7 +503,7 @@ def test_heads_refuses_missing_audio_and_empty_data(demo, tiny_gqa, tmp_path):
 # -- `mlx-listen attention` and `ask --listen` -------------------------------------------------------
 
 def test_attention_json_and_png(demo, tiny_gqa, heads_run, tmp_path, shape):
-    from mlx_listen.capture import AUDIO_MASS, run_with_cache
+    from mlx_listen.hooks import AUDIO_MASS, run_with_cache
     from mlx_listen.prompt import prepare
 
     clip = demo[0] / demo[2][0]["audio_id"]
@@ -584,7 +590,7 @@ def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch
     # the tiny model's gibberish picks no option: let its length pick one, so both groups fill
     monkeypatch.setattr(mmau, "matched_choice", lambda pred, choices: len(pred) % len(choices))
     res = ok(invoke(*validate_args(demo, tiny_gqa.mlx_path, heads_run[0], out, "--limit", n)))
-    assert count.n == n
+    assert count.n == 2 * n  # each item answered with its audio and with silence
     rep = strict_json(out / "validation.json")
     assert_png(out / "validation.png")
     rows = rows_of(out / "items.jsonl")
@@ -600,15 +606,15 @@ def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch
     # the silence answer: the same question with equal-length digital zeros
     model, processor = tiny_gqa.mlx
     audio = load_audio(root / items[0]["audio_id"])
-    silent = prepare(model, processor, [np.zeros_like(audio)], mmau.build_prompt(items[0]))
+    silent = prepare(model, processor, [np.zeros_like(audio)], build_prompt(items[0]))
     sil = generate(model, processor, silent, max_tokens=MAX_TOKENS, temp=0.0)
     assert rows[0]["answer_silence"] == mmau.extract_answer(sil.text)[0]
 
-    hs = H.HeadSet.load(heads_run[0])
+    hs = HeadSet.load(heads_run[0])
     changed = np.array([r["changed"] for r in rows])
     L = np.array([hs.listening(np.array(r["audio_mass"])) for r in rows])
     assert (rep["n"], rep["n_changed"], rep["n_unchanged"]) == (n, changed.sum(), n - changed.sum())
-    assert {k: v for k, v in rep.items() if k != "warnings"} == H.validate(hs, rows, 0)
+    assert {k: v for k, v in rep.items() if k != "warnings"} == validate(hs, rows, 0)
     assert any("were used to find" in w for w in rep["warnings"])  # validated on its own calibration items
     assert "were used to find" in res.stderr
     h = rep["heads"]
@@ -625,7 +631,7 @@ def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch
     # rerun: nothing recomputed, the same report
     before = (out / "items.jsonl").read_bytes()
     ok(invoke(*validate_args(demo, tiny_gqa.mlx_path, heads_run[0], out, "--limit", n)))
-    assert count.n == n and (out / "items.jsonl").read_bytes() == before
+    assert count.n == 2 * n and (out / "items.jsonl").read_bytes() == before
     assert strict_json(out / "validation.json") == rep
 
 

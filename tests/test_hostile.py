@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from conftest import SR, invoke, ok, tone
+from support import SR, invoke, ok, tone
 
-from mlx_listen import mmau
+from mlx_listen.eval import mmau
 
 Q = "What is this sound?"
 MAXT = 2
@@ -248,7 +248,7 @@ def test_02_bad_item_is_recorded_and_the_run_goes_on(demo, M, files, bad_set, tm
             assert sorted(r["id"] for r in rows if "error" in r) == sorted(bad)
             assert json.loads((out / "validation.json").read_text())["n"] == len(good)
         elif command == "steer-build":
-            from mlx_listen.steering import load_vector
+            from mlx_listen.method.directions import load_vector
 
             md = load_vector(out)[2]
             cal = json.loads(md["calibration"])
@@ -533,7 +533,7 @@ def test_08_config_json_that_is_an_array(demo, tiny_gqa, files, tmp_path, comman
         res = invoke("convert", "--hf-path", m, "--mlx-path", tmp_path / "out")
         assert not (tmp_path / "out").exists()
     else:
-        from mlx_listen.convert.reference_run import main
+        from mlx_listen_convert.reference.run import main
 
         items = tmp_path / "items.json"
         items.write_text(json.dumps([{"audio": str(files["a"]), "question": Q}]))
@@ -617,7 +617,7 @@ def q4(tiny_gqa, tmp_path_factory):
 
 @pytest.mark.parametrize("case", ["short-clip", "cuda", "mlx-quantised", "mlx-plain"])
 def test_08_reference_bad_inputs(tiny_gqa, files, q4, tmp_path, case):
-    from mlx_listen.convert.reference_run import main
+    from mlx_listen_convert.reference.run import main
 
     items = tmp_path / "items.json"
     sf.write(tmp_path / "tiny.wav", tone(0.01), SR)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import invoke, ok
+from support import invoke, ok
 
-from mlx_listen.demo_set import make_demo_set
 from mlx_listen.errors import ListenError
-from mlx_listen.heads import HeadSet
+from mlx_listen.eval.demo_set import make_demo_set
+from mlx_listen.headset import HeadSet
 from mlx_listen.identity import check_binding, model_signature, same_model
 
 
@@ -30,9 +30,9 @@ def bound_heads(tiny_gqa, demo, tmp_path_factory):
 
 
 def test_same_model_survives_casts_and_refuses_others(tiny_gqa, tmp_path):
-    from mlx_listen.convert.convert import convert
-    from mlx_listen.convert.tiny import build_tiny
     from mlx_listen.load import load
+    from mlx_listen_convert.convert import convert
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     model, _ = tiny_gqa.mlx
     sig = model_signature(model)

@@ -14,14 +14,18 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SR, tone
+from support import SR, tone
 
-from mlx_listen import lens as LN
-from mlx_listen import mmau
 from mlx_listen.errors import ListenError
-from mlx_listen.heads import HeadSet
+from mlx_listen.eval import mmau
+from mlx_listen.headset import HeadSet
+from mlx_listen.interp.lens import LENSES, lens_vectors
+from mlx_listen.interp.steering import Silence, read_residuals
+from mlx_listen.method.direction_stats import DirectionStats
+from mlx_listen.method.directions import save_vector
+from mlx_listen.method.inspect import inspect_direction, read_source
+from mlx_listen.presets import build_prompt
 from mlx_listen.prompt import prepare
-from mlx_listen.steering import Silence, read_residuals, save_vector
 
 TOL = 1e-4
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,7 +74,7 @@ def data(tmp_path_factory):
     path = root / "data.json"
     path.write_text(json.dumps(items))
     loaded = mmau.load_items(path)
-    ref_items = [(it["task"], [clips[it["id"]]], mmau.build_prompt(it, "r1-aqa")) for it in loaded if it["id"] != "bad"]
+    ref_items = [(it["task"], [clips[it["id"]]], build_prompt(it, "r1-aqa")) for it in loaded if it["id"] != "bad"]
     return root, path, loaded, ref_items
 
 
@@ -98,7 +102,7 @@ def norm_weight(tiny, seed=0):
 # -- parity with transformers ---------------------------------------------------------------------
 
 def test_layer_differences_match_pytorch(tiny):
-    from mlx_listen.convert.reference import layer_differences
+    from mlx_listen_convert.reference.lens import layer_differences
 
     clip, q = tone(1.4, 520.0, 7), "What is this?"
     ref = layer_differences(tiny.hf_model, tiny.hf_processor, [clip], q)
@@ -113,7 +117,7 @@ def test_layer_differences_match_pytorch(tiny):
 
 
 def test_lens_vectors_match_pytorch(tiny_gqa):
-    from mlx_listen.convert import reference as R
+    from mlx_listen_convert.reference import lens as R
 
     model, _ = tiny_gqa.mlx
     rng = np.random.default_rng(3)
@@ -121,9 +125,9 @@ def test_lens_vectors_match_pytorch(tiny_gqa):
     d = rng.standard_normal(hidden).astype(np.float32)
     h = (3 * rng.standard_normal(hidden) + 0.5 * d).astype(np.float32)  # not orthogonal to d
     with norm_weight(tiny_gqa):
-        got = LN.lens_vectors(model, d, h, alpha=1.5)
+        got = lens_vectors(model, d, h, alpha=1.5)
         ref = R.lens_vectors(tiny_gqa.hf_model, d, h, alpha=1.5)
-        errs = {k: close(got[k], ref[k]) for k in LN.LENSES}
+        errs = {k: close(got[k], ref[k]) for k in LENSES}
         # the h-term matters here, so a lens that dropped it would fail
         assert np.abs(ref["jacobian"] - ref["direct"] / np.sqrt(np.mean(h**2) + 1e-6)).max() > 1e-2
     print("lens parity max |error|:", errs)
@@ -134,21 +138,21 @@ def test_jacobian_is_the_small_alpha_limit_of_exact(tiny_gqa):
     rng = np.random.default_rng(4)
     hidden = model.config.text_config.hidden_size
     d, h = rng.standard_normal(hidden), 2 * rng.standard_normal(hidden)
-    v = LN.lens_vectors(model, d, h, alpha=1e-2)
+    v = lens_vectors(model, d, h, alpha=1e-2)
     assert np.abs(v["exact"] / 1e-2 - v["jacobian"]).max() <= 2e-2 * np.abs(v["jacobian"]).max()
 
 
 def test_inspect_heads_matches_reference(tiny_gqa, data, tmp_path):
     """Per-input directions over L* = {0, 1}: every reported number against the brute-force
     reference; the unreadable item is skipped with its reason; the files are written."""
-    from mlx_listen.convert.reference import inspect_reference
+    from mlx_listen_convert.reference.lens import inspect_reference
 
     root, _, items, ref_items = data
     model, processor = tiny_gqa.mlx
     heads = HeadSet([(0, 1), (1, 2)])
     k = 8
     with norm_weight(tiny_gqa, seed=1):
-        res = LN.inspect_direction(model, processor, headset=heads, items=items, audio_dir=root, top_k=k,
+        res = inspect_direction(model, processor, headset=heads, items=items, audio_dir=root, top_k=k,
                                    out=tmp_path / "out")
         ref = inspect_reference(tiny_gqa.hf_model, tiny_gqa.hf_processor, ref_items, layers=[0, 1], alpha=1.0)
 
@@ -164,8 +168,8 @@ def test_inspect_heads_matches_reference(tiny_gqa, data, tmp_path):
             close_lists(pl["by_task"][t][key], rpl[t][key])
 
     for g in ("all", "sound", "music", "speech"):
-        assert set(LN.LENSES) <= set(res["lens"][g])
-        for kind in LN.LENSES:
+        assert set(LENSES) <= set(res["lens"][g])
+        for kind in LENSES:
             rv = ref["lens"][g][kind]
             for side, order in (("promoted", -1), ("demoted", 1)):
                 rows = res["lens"][g][kind][side]
@@ -197,7 +201,7 @@ def test_inspect_heads_matches_reference(tiny_gqa, data, tmp_path):
 
 
 def test_fixed_vector_with_and_without_data(tiny_gqa, data, tmp_path):
-    from mlx_listen.convert.reference import inspect_reference
+    from mlx_listen_convert.reference.lens import inspect_reference
 
     root, _, items, ref_items = data
     model, processor = tiny_gqa.mlx
@@ -207,11 +211,11 @@ def test_fixed_vector_with_and_without_data(tiny_gqa, data, tmp_path):
     save_vector(path, v, apply_layer=n_layers - 1, hidden_size=hidden, meta={"layers": [1], "coeff": 2.0})
 
     # no data: the direct lens alone
-    bare = LN.inspect_direction(model, processor, vector=path, top_k=5)
+    bare = inspect_direction(model, processor, vector=path, top_k=5)
     assert set(bare["lens"]) == {"all"} and set(bare["lens"]["all"]) == {"direct", "n"}
     assert bare["per_layer"] is None and bare["tasks"] is None and bare["data"] is None
     assert bare["source"]["alpha"] == 2.0 and bare["source"]["layers"] == [1]
-    direct = LN.lens_vectors(model, v)["direct"]
+    direct = lens_vectors(model, v)["direct"]
     assert [r["id"] for r in bare["lens"]["all"]["direct"]["promoted"]] == list(np.argsort(-direct)[:5])
 
     # with data: state-dependent lenses per task (the direct one is task-free), d(x) over the file's L*;
@@ -220,7 +224,7 @@ def test_fixed_vector_with_and_without_data(tiny_gqa, data, tmp_path):
     good = [it for it in items if it["id"] in keep]
     refs = [r for it, r in zip([it for it in items if it["id"] != "bad"], ref_items) if it["id"] in keep]
     with norm_weight(tiny_gqa, seed=2):
-        res = LN.inspect_direction(model, processor, vector=path, items=good, audio_dir=root, top_k=6)
+        res = inspect_direction(model, processor, vector=path, items=good, audio_dir=root, top_k=6)
         ref = inspect_reference(tiny_gqa.hf_model, tiny_gqa.hf_processor, refs, layers=[1], alpha=2.0, vector=v)
     assert res["tasks"]["item_cosine"][1][1] is None and res["tasks"]["item_cosine"][0][0] is not None
     assert set(res["lens"]["sound"]) >= {"jacobian", "exact"} and "direct" not in res["lens"]["sound"]
@@ -235,7 +239,7 @@ def test_fixed_vector_with_and_without_data(tiny_gqa, data, tmp_path):
     assert res["per_layer"]["marked"] == [1]
 
     # a vector without L*: per-layer contrast still, no per-input directions
-    res = LN.inspect_direction(model, processor, vector=v, items=good[:1], audio_dir=root, top_k=3)
+    res = inspect_direction(model, processor, vector=v, items=good[:1], audio_dir=root, top_k=3)
     assert res["per_layer"] is not None and res["tasks"] is None and res["notes"]
 
 
@@ -247,8 +251,8 @@ def test_planted_token_ranks_first(tiny_gqa):
     t = int(np.argmax(np.linalg.norm(W, axis=1)))
     with norm_weight(tiny_gqa, seed=3) as w:
         d = (W[t] / w).astype(np.float32)
-        up = LN.inspect_direction(model, processor, vector=d, top_k=3)["lens"]["all"]["direct"]
-        down = LN.inspect_direction(model, processor, vector=-d, top_k=3)["lens"]["all"]["direct"]
+        up = inspect_direction(model, processor, vector=d, top_k=3)["lens"]["all"]["direct"]
+        down = inspect_direction(model, processor, vector=-d, top_k=3)["lens"]["all"]["direct"]
     assert up["promoted"][0]["id"] == t and down["demoted"][0]["id"] == t
     assert up["promoted"][0]["value"] == pytest.approx(np.linalg.norm(W[t]) ** 2, rel=1e-4)
     assert up["promoted"][0]["value"] > up["promoted"][1]["value"]
@@ -258,7 +262,7 @@ def test_planted_token_ranks_first(tiny_gqa):
 
 def test_task_cosines_on_hand_built_directions():
     e = np.eye(4)
-    st = LN.DirectionStats(n_layers=1, hidden=4)
+    st = DirectionStats(n_layers=1, hidden=4)
     dirs = {"sound": [e[0], 2 * e[0]], "music": [e[1], e[1] + 0 * e[2]], "speech": [-e[0], e[2]]}
     for task, ds in dirs.items():
         for i, d in enumerate(ds):
@@ -282,7 +286,7 @@ def test_streaming_cosines_equal_brute_force():
     rng = np.random.default_rng(0)
     tasks = ["sound"] * 5 + ["music"] * 3 + ["speech"] * 1
     X = rng.standard_normal((9, 2, 6)) + np.array([1.0, 0, 0, 0, 0, 0])
-    st = LN.DirectionStats(n_layers=2, hidden=6)
+    st = DirectionStats(n_layers=2, hidden=6)
     for i, (t, x) in enumerate(zip(tasks, X)):
         st.add(str(i), t, diffs=x, d=x.mean(0), applied=x.mean(0))
     D = X.mean(1)
@@ -311,30 +315,30 @@ def test_bad_inputs_are_one_line_errors(tiny_gqa, data, tmp_path):
     model, processor = tiny_gqa.mlx
     heads = HeadSet([(0, 1)])
     with pytest.raises(ListenError, match="per input"):
-        LN.inspect_direction(model, processor, headset=heads)
+        inspect_direction(model, processor, headset=heads)
     with pytest.raises(ListenError, match="no item could be used"):
-        LN.inspect_direction(model, processor, headset=heads, items=[it for it in items if it["id"] == "bad"],
+        inspect_direction(model, processor, headset=heads, items=[it for it in items if it["id"] == "bad"],
                              audio_dir=root)
     with pytest.raises(ListenError, match="exactly one"):
-        LN.inspect_direction(model, processor, headset=heads, vector=np.zeros(4))
+        inspect_direction(model, processor, headset=heads, vector=np.zeros(4))
     with pytest.raises(ListenError, match="do not exist"):
-        LN.inspect_direction(model, processor, headset=HeadSet([(9, 0)]), items=items, audio_dir=root)
+        inspect_direction(model, processor, headset=HeadSet([(9, 0)]), items=items, audio_dir=root)
     hs = tmp_path / "HEADS.json"
     heads.save(hs)
-    assert LN.read_source(hs)[0].heads == [(0, 1)]
+    assert read_source(hs)[0].heads == [(0, 1)]
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00" * 40)
     with pytest.raises(ListenError, match="neither a HEADS.json"):
-        LN.read_source(junk)
+        read_source(junk)
 
 
 def test_steer_inspect_command(tiny_gqa, tmp_path):
     import json
 
-    from conftest import invoke, ok
+    from support import invoke, ok
 
-    from mlx_listen.demo_set import make_demo_set
-    from mlx_listen.heads import HeadSet
+    from mlx_listen.eval.demo_set import make_demo_set
+    from mlx_listen.headset import HeadSet
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
     heads = tmp_path / "H.json"

@@ -1,6 +1,5 @@
 """MMAU scoring: the official string match and report, checked on hand-made cases and on the
-golden values of shared/design/mmau.md §6.6 (computed there with MMAU's own evaluation.py), over the
-two test-mini answer keys shipped in tests/data/mmau/ (byte-exact upstream copies, sha256-checked)."""
+golden values computed with MMAU's own evaluation.py, over the two test-mini answer keys shipped in tests/data/mmau/ (byte-exact upstream copies, sha256-checked)."""
 
 from __future__ import annotations
 
@@ -11,19 +10,9 @@ from pathlib import Path
 import pytest
 
 from mlx_listen.errors import ListenError
-from mlx_listen.mmau import (
-    PROMPTS,
-    build_prompt,
-    compare,
-    extract_answer,
-    file_sha256,
-    load_items,
-    mcnemar_exact,
-    score,
-    string_match,
-    tokens,
-    wilson,
-)
+from mlx_listen.eval.mmau import compare, extract_answer, load_items, mcnemar_exact, score, string_match, tokens, wilson
+from mlx_listen.presets import PROMPTS, build_prompt
+from mlx_listen.records import file_sha256
 
 DATA = Path(__file__).resolve().parent / "data" / "mmau"  # shipped with the tests: never skipped
 FILES = {"v05.15.25": DATA / "mmau-test-mini.json", "orig": DATA / "mmau-test-mini-pre-v05.15.25.json"}
@@ -244,7 +233,7 @@ PATTERNS = {
     "all choices": lambda it: " ".join(it["choices"]),
     "first choice": lambda it: it["choices"][0],
 }
-GOLDEN = {  # percent, one decimal, from design/mmau.md §6.6
+GOLDEN = {  # percent, one decimal, computed with MMAU's evaluation.py
     "v05.15.25": {"exact": 100.0, "(B) answer": 96.7, "B. answer": 96.7, "The answer is": 90.7,
                   "letter only": 0.2, "all choices": 0.1, "first choice": 39.8},
     "orig": {"exact": 100.0, "(B) answer": 96.5, "B. answer": 96.5, "The answer is": 92.8,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import SR, tone
+from support import SR, tone
 
 from mlx_listen.audio import audio_features
-from mlx_listen.capture import RESID, Capture
 from mlx_listen.generate import generate
+from mlx_listen.hooks import RESID, Capture
 from mlx_listen.prompt import prepare
 
 # fp32 tolerances. Measured on these fixtures: logits ≈ 5e-6, hidden states ≈ 2e-6.
@@ -151,15 +151,15 @@ def test_placeholder_feature_mismatch_raises(tiny_gqa):
 
     model, processor = tiny_gqa.mlx
     p = prepare(model, processor, [tone(1.0)], "q")
-    with pytest.raises(ListenError, match="AUDIO"):
+    with pytest.raises(ListenError, match="25 audio positions but the audio gives 3"):
         model.embed(p.ids, [mx.zeros((3, model.config.text_config.hidden_size))])
 
 
 def test_bf16_drift_within_hf_own_drift(tiny, tmp_path):
     """bf16: the MLX model's error against HF fp32 is at most 2x HF bf16's own error against HF fp32."""
-    from mlx_listen.convert import reference as R
-    from mlx_listen.convert.convert import convert
     from mlx_listen.load import load
+    from mlx_listen_convert.convert import convert
+    from mlx_listen_convert.reference import hf as R
 
     clips, q = [tone(3.0)], "What is this sound?"
     fp32 = tiny.reference("bf16-base", clips, q)

@@ -1,24 +1,34 @@
 """The package's shape: a DAG of imports (function-level imports count: they would only hide a
-cycle), and an MLX runtime that never imports torch or transformers."""
+cycle), an MLX runtime that never imports torch, transformers or the reference side, one module
+object per file, no module far over 400 lines, and no symlink in the repository."""
 
 from __future__ import annotations
 
 import ast
 import graphlib
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parent.parent / "mlx_listen"
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {"mlx_listen": ROOT / "mlx_listen", "mlx_listen_convert": ROOT / "convert"}
+# Modules allowed past ~400 lines, and why (see the README's layout section).
+LONG = {
+    "mlx_listen.stats": "every statistic once, each a few lines; splitting would scatter the shared helpers",
+    "mlx_listen.audio": "the front end's file handling (damage, partial reads) and the log-mel, one concern",
+    "mlx_listen.interp.patching": "one batched mechanism (runs, caches, patches) whose docstring is its cost model",
+}
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted name -> file, the symlinked `convert/` and `cli.py` included."""
+    """Dotted name -> file, for both import packages."""
     out = {}
-    for p in sorted(PKG.rglob("*.py")) + sorted((PKG / "convert").glob("*.py")):
-        rel = p.relative_to(PKG).with_suffix("")
-        name = ".".join(("mlx_listen", *rel.parts)).removesuffix(".__init__")
-        out[name] = p
+    for pkg, folder in PACKAGES.items():
+        for p in sorted(folder.rglob("*.py")):
+            rel = p.relative_to(folder).with_suffix("")
+            out[".".join((pkg, *rel.parts)).removesuffix(".__init__")] = p
     return out
 
 
@@ -38,17 +48,21 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
         else:
             continue
         for t in targets:
-            if t in known and t not in (name, "mlx_listen"):
+            if t in known and t != name and t not in PACKAGES:
                 deps.add(t)
                 break
     return deps
 
 
-def test_import_graph_has_no_cycle():
+def _graph() -> dict[str, set[str]]:
     mods = _modules()
-    assert len(mods) > 20 and "mlx_listen.cli" in mods and "mlx_listen.convert.convert" in mods
-    graph = {m: _imports(m, p, set(mods)) for m, p in mods.items()}
-    assert graph["mlx_listen.evaluate"] >= {"mlx_listen.records", "mlx_listen.conditions"}  # the check sees edges
+    return {m: _imports(m, p, set(mods)) for m, p in mods.items()}
+
+
+def test_import_graph_has_no_cycle():
+    graph = _graph()
+    assert len(graph) > 40 and "mlx_listen.cli" in graph and "mlx_listen_convert.convert" in graph
+    assert graph["mlx_listen.eval.evaluate"] >= {"mlx_listen.records", "mlx_listen.eval.conditions"}  # edges seen
     try:
         list(graphlib.TopologicalSorter(graph).static_order())
     except graphlib.CycleError as e:
@@ -65,12 +79,60 @@ def test_a_cycle_would_be_caught(tmp_path):
         list(graphlib.TopologicalSorter(graph).static_order())
 
 
+def _roots(path: Path) -> set[str]:
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            out.add((node.module or "").split(".")[0])
+    return out
+
+
 @pytest.mark.parametrize("banned", ["torch", "transformers"])
-def test_runtime_never_imports_the_reference_side(banned):
+def test_only_the_reference_side_imports_torch(banned):
     for name, path in _modules().items():
-        if name.startswith("mlx_listen.convert"):
-            continue  # the converter and the PyTorch reference live there
-        for node in ast.walk(ast.parse(path.read_text())):
-            roots = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            assert not any(r.split(".")[0] == banned for r in roots), f"{name} imports {banned}"
+        if not name.startswith("mlx_listen_convert.reference"):
+            assert banned not in _roots(path), f"{name} imports {banned}"
+
+
+def test_the_runtime_never_imports_the_reference_side():
+    graph = _graph()
+    for name, deps in graph.items():
+        if name.startswith("mlx_listen."):
+            assert not any(d.startswith("mlx_listen_convert.reference") for d in deps), name
+
+
+def test_layers_depend_downward():
+    """models and interp never reach up into the runs; interp never into eval or method."""
+    graph = _graph()
+    for name, deps in graph.items():
+        if name.startswith(("mlx_listen.models", "mlx_listen.interp")):
+            bad = [d for d in deps if d.startswith(("mlx_listen.eval", "mlx_listen.method", "mlx_listen.cli"))]
+            assert not bad, f"{name} imports {bad}"
+        if name.startswith("mlx_listen.eval"):
+            assert not [d for d in deps if d.startswith(("mlx_listen.method", "mlx_listen.cli"))], name
+
+
+def test_modules_stay_short():
+    long = {n: len(p.read_text().splitlines()) for n, p in _modules().items()}
+    over = {n: k for n, k in long.items() if k > 440 and n not in LONG}
+    assert not over, f"modules over ~400 lines: {over}"
+
+
+def test_convert_is_one_module_per_file():
+    """From the repository root `convert/` is not importable under a second name."""
+    r = subprocess.run([sys.executable, "-c", "import convert"], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "mlx_listen_convert" in r.stderr
+    r = subprocess.run([sys.executable, "-c", "import mlx_listen_convert.convert, mlx_listen.cli, sys; "
+                        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('convert', 'cli')))"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+def test_no_symlinks_are_tracked():
+    r = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("not a git checkout (an unpacked sdist): nothing is tracked")
+    links = [line.split("\t")[1] for line in r.stdout.splitlines() if line.startswith("120000")]
+    assert not links, f"symlinks: {links}"

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SR, tone
+from support import SR, tone
 
 from mlx_listen.bundle import QUANTITIES, load_bundle
 from mlx_listen.errors import ListenError
@@ -28,7 +28,7 @@ def items(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bundle_fp32(tiny_gqa, items, tmp_path_factory):
-    from mlx_listen.convert.reference_run import make_bundle, read_items
+    from mlx_listen_convert.reference.run import make_bundle, read_items
 
     out = tmp_path_factory.mktemp("b") / "fp32"
     return make_bundle(str(tiny_gqa.hf_path), read_items(items, None), out, dtype="float32", device="cpu",
@@ -63,7 +63,7 @@ def test_fp32_parity_passes(tiny_gqa, bundle_fp32):
 
 def test_audio_mass_and_listening_in_bundle(tiny_gqa, items, tmp_path):
     """With --heads the bundle records the listening score; parity checks it and the audio mass."""
-    from mlx_listen.convert.reference_run import make_bundle, read_items
+    from mlx_listen_convert.reference.run import make_bundle, read_items
 
     heads = [(0, 1), (1, 3), (1, 0)]
     path = make_bundle(str(tiny_gqa.hf_path), read_items(items, None), tmp_path / "h", max_new_tokens=0,
@@ -79,7 +79,7 @@ def test_audio_mass_and_listening_in_bundle(tiny_gqa, items, tmp_path):
 
 
 def test_bf16_model_judged_against_hf_drift(tiny_gqa, bundle_fp32, tmp_path):
-    from mlx_listen.convert.convert import convert
+    from mlx_listen_convert.convert import convert
 
     bf16 = convert(str(tiny_gqa.hf_path), str(tmp_path / "bf16"), dtype="bfloat16", progress=False)
     report = parity(bundle_fp32, bf16, progress=False)
@@ -108,7 +108,7 @@ def test_perturbed_weight_fails(tiny_gqa, bundle_fp32, tmp_path):
 
 
 def test_bundle_from_another_model_is_refused(bundle_fp32, tmp_path):
-    from mlx_listen.convert.tiny import build_tiny
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     other = tmp_path / "other"
     build_tiny(other, init_range=0.1, kv_heads=2, seed=123)
@@ -179,9 +179,9 @@ def test_new_bundles_fingerprint_projections(tiny_gqa, bundle_fp32):
 def realistic(items, tmp_path_factory):
     """Two unrelated checkpoints of the same config at a realistic init (0.02), a bundle from the first,
     and the first converted, cast and quantised."""
-    from mlx_listen.convert.convert import convert
-    from mlx_listen.convert.reference_run import make_bundle, read_items
-    from mlx_listen.convert.tiny import build_tiny
+    from mlx_listen_convert.convert import convert
+    from mlx_listen_convert.reference.run import make_bundle, read_items
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     d = tmp_path_factory.mktemp("init002")
     build_tiny(d / "a", init_range=0.02, kv_heads=2, seed=0)
@@ -220,7 +220,7 @@ def test_fingerprint_separates_checkpoints_at_init_002(realistic):
 
 def test_parity_refuses_unrelated_checkpoint_in_one_line(realistic):
     """`mlx-listen parity` with another checkpoint at init 0.02: one `Error:` line, not a table of FAILs."""
-    from conftest import invoke
+    from support import invoke
 
     bundle, same, other = realistic
     for model in other.values():

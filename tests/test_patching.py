@@ -7,35 +7,37 @@ import json
 
 import numpy as np
 import pytest
-from conftest import tone
-from planted import planted_model, zero_head
+from support import tone
+from support.planted import planted_model, zero_head
 
-from mlx_listen import mmau
-from mlx_listen.capture import run_with_cache
 from mlx_listen.errors import ListenError, ListenWarning
-from mlx_listen.patching import (
-    GROUPS_PNG,
-    HEADS_PNG,
-    META,
-    RECORDS,
-    SUMMARY,
+from mlx_listen.headset import HeadSet
+from mlx_listen.hooks import run_with_cache
+from mlx_listen.interp.patching import (
     Patch,
-    PatchConfig,
     Patcher,
-    choose,
-    continuation,
     continuation_tokens,
     logp_of,
-    patch_lines,
-    patch_prompt,
-    patch_run,
     patched_logits,
     position_groups,
     shared_prefix,
     standard_patches,
 )
+from mlx_listen.interp.steering import Silence
+from mlx_listen.method.patch_map import (
+    GROUPS_PNG,
+    HEADS_PNG,
+    META,
+    RECORDS,
+    SUMMARY,
+    PatchConfig,
+    choose,
+    patch_lines,
+    patch_prompt,
+    patch_run,
+)
+from mlx_listen.presets import build_prompt, continuation
 from mlx_listen.prompt import prepare
-from mlx_listen.steering import Silence
 
 Q = "Describe the audio."
 A, B = "<answer>dog</answer>", "<answer>cat</answer>"  # byte tokens: 8 shared, then they differ
@@ -75,7 +77,7 @@ def test_patched_logits_match_pytorch(tiny, kind):
     """One patch through PyTorch forward hooks on transformers' model and through our hooks (block
     0's output over the audio positions; head 1 of block 1 at T and T + 3, a forward pre-hook on
     `o_proj`): the logits at every continuation position and the continuation's log-probability."""
-    from mlx_listen.convert.reference import run_patched
+    from mlx_listen_convert.reference.patching import run_patched
 
     model, processor = tiny.mlx
     clip = tone(2.5)
@@ -155,7 +157,7 @@ def test_zero_strength_edits_are_bit_identical(tiny_gqa):
 def test_planted_head_is_found_and_its_ablation_flips_the_answer(planted, preset, head_at, first_diff):
     model, processor, layer, head, info = planted
     item = info["item"]
-    prompt = prepare(model, processor, [info["clip"]], mmau.build_prompt(item, preset))
+    prompt = prepare(model, processor, [info["clip"]], build_prompt(item, preset))
     rec = patch_prompt(model, processor, prompt, choices=item["choices"],
                        config=PatchConfig(preset=preset, head_at=head_at, first_diff=first_diff))
     if first_diff:
@@ -183,10 +185,11 @@ def test_patch_run_over_a_data_set_resumes_and_records_bad_items(planted, tmp_pa
     items = [item, {**item, "id": "broken", "audio_id": "missing.wav"},
              {**item, "id": "music-0", "task": "music"}]
     cfg = PatchConfig(preset="mmau")
-    ident = {"model_fingerprint": "planted", "data_sha256": "x"}
+    data = tmp_path / "items.json"
+    data.write_text(json.dumps(items))
     out = tmp_path / "run"
-    s = patch_run(model, processor, out, items=items, audio_dir=info["audio_dir"], identity=ident, config=cfg,
-                  marked=[(layer, head)], progress=False)
+    s = patch_run((model, processor), out, data=data, audio_dir=info["audio_dir"], config=cfg,
+                  heads=HeadSet([(layer, head)]), progress=False)
     rows = [json.loads(line) for line in (out / RECORDS).read_text().splitlines()]
     assert [r["id"] for r in rows] == ["planted-0", "broken", "music-0"] and "error" in rows[1]
     assert s["n_items"] == 3 and s["n_used"] == 2 and s["skipped"][0]["id"] == "broken"
@@ -198,30 +201,29 @@ def test_patch_run_over_a_data_set_resumes_and_records_bad_items(planted, tmp_pa
     lines = "\n".join(patch_lines(s, [(layer, head)]))
     assert "2 used, 1 skipped" in lines and f"{layer}.{head} +" in lines and "best rank 1 of 8" in lines
     # a rerun does nothing again; other settings are refused
-    again = patch_run(model, processor, out, items=items, audio_dir=info["audio_dir"], identity=ident, config=cfg,
-                      progress=False)
+    again = patch_run((model, processor), out, data=data, audio_dir=info["audio_dir"], config=cfg, progress=False)
     assert len((out / RECORDS).read_text().splitlines()) == 3 and again["restored_heads"] == s["restored_heads"]
     assert (out / META).exists()
     with pytest.raises(ListenError, match="other settings"):
-        patch_run(model, processor, out, items=items, audio_dir=info["audio_dir"], identity=ident,
+        patch_run((model, processor), out, data=data, audio_dir=info["audio_dir"],
                   config=PatchConfig(preset="r1-aqa"), progress=False)
 
 
 def test_patch_run_one_clip_free_form(planted, tmp_path):
     """CLIP QUESTION without options: a and b are the two runs' greedy answers ("xxxx" / "yyyy")."""
     model, processor, layer, head, info = planted
-    s = patch_run(model, processor, tmp_path, clip=info["wav"], question=info["question"],
+    s = patch_run((model, processor), tmp_path, clip=info["wav"], question=info["question"],
                   config=PatchConfig(tokens=4), progress=False)
     rec = s["item"]
     assert rec["a"] == "xxxx" and rec["b"] == "yyyy" and s["n"] == 1
     assert s["top_heads"][0]["layer"] == layer and s["top_heads"][0]["head"] == head
     assert (tmp_path / GROUPS_PNG).exists() and (tmp_path / HEADS_PNG).exists()
     with pytest.warns(ListenWarning, match="barely changes"):
-        flagged = patch_run(model, processor, tmp_path / "f", clip=info["wav"], question=info["question"],
+        flagged = patch_run((model, processor), tmp_path / "f", clip=info["wav"], question=info["question"],
                             config=PatchConfig(tokens=2, min_gap=1e6), progress=False)
     assert flagged["n"] == 0 and flagged["item"]["m_audio"] > flagged["item"]["m_silence"]
     with pytest.raises(ListenError, match="not both"):
-        patch_run(model, processor, tmp_path, progress=False)
+        patch_run((model, processor), tmp_path, progress=False)
 
 
 def test_same_answers_with_and_without_audio_is_an_error(tiny_gqa):
@@ -235,8 +237,8 @@ def test_patch_command(tmp_path):
     """`mlx-listen patch` on the planted model: the head map's best head is the planted one."""
     import json
 
-    from conftest import invoke, ok
-    from planted import planted_model
+    from support import invoke, ok
+    from support.planted import planted_model
 
     _, _, layer, head, info = planted_model(tmp_path)
     out = tmp_path / "p"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import soundfile as sf
-from conftest import SR, VARIANTS, _tiny, tone
+from support import SR, VARIANTS, tiny_model, tone
 
 from mlx_listen.bundle import load_bundle
 from mlx_listen.parity import parity
@@ -26,10 +26,10 @@ def committed(variant: str) -> list[Path]:
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def bundles(request, tiny_root, tmp_path_factory):
-    tiny = _tiny(request, tiny_root, request.param)
+    tiny = tiny_model(tiny_root, request.param)
     found = committed(request.param)
     if not found:
-        from mlx_listen.convert.reference_run import make_bundle, read_items
+        from mlx_listen_convert.reference.run import make_bundle, read_items
 
         d = tmp_path_factory.mktemp(f"cpu-{request.param}")
         sf.write(d / "a.flac", tone(2.5), SR)
@@ -41,7 +41,7 @@ def bundles(request, tiny_root, tmp_path_factory):
 
 
 def test_mlx_matches_recorded_reference(bundles, tmp_path):
-    from mlx_listen.convert.convert import convert
+    from mlx_listen_convert.convert import convert
 
     tiny, paths = bundles
     bf16 = None
@@ -78,18 +78,18 @@ def test_committed_bundles_identity(variant, request, tiny_root, tmp_path):
     """The committed bundles carry the first fingerprint (embeddings, head, norm weight, two zero biases):
     the new check uses their embedding and head blocks (centred), skips the constant ones, accepts the
     MLX model (fp32, bf16, 4-bit) and refuses an unrelated checkpoint of the same config."""
-    from conftest import INIT
+    from support import INIT
 
-    from mlx_listen.convert.convert import convert
-    from mlx_listen.convert.tiny import build_tiny
     from mlx_listen.errors import ListenError
     from mlx_listen.load import load_model
     from mlx_listen.parity import check_identity, fingerprint_errors
+    from mlx_listen_convert.convert import convert
+    from mlx_listen_convert.reference.tiny import build_tiny
 
     paths = committed(variant)
     if not paths:
         pytest.skip(f"no committed CUDA bundle for {variant}")
-    tiny = _tiny(request, tiny_root, variant)
+    tiny = tiny_model(tiny_root, variant)
     models = {"fp32": tiny.mlx_path,
               "bf16": convert(str(tiny.hf_path), str(tmp_path / "bf16"), dtype="bfloat16", progress=False),
               "q4": convert(str(tiny.hf_path), str(tmp_path / "q4"), quantize=True, q_bits=4, progress=False)}

@@ -8,10 +8,10 @@ import json
 import pytest
 import soundfile as sf
 from click.testing import CliRunner
-from conftest import SR, tone
+from support import SR, tone
 
 from mlx_listen.bundle import load_bundle
-from mlx_listen.convert.reference_run import main
+from mlx_listen_convert.reference.run import main
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def d(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def q4(tiny_gqa, tmp_path_factory):
-    from mlx_listen.convert.convert import convert
+    from mlx_listen_convert.convert import convert
 
     return convert(str(tiny_gqa.hf_path), str(tmp_path_factory.mktemp("q") / "q4"), quantize=True, q_bits=4,
                    progress=False)
@@ -181,7 +181,7 @@ def test_out_is_not_replaced_unless_a_bundle(tiny_gqa, d, tmp_path):
 def test_run_force_and_failure_leave_no_partial_bundle(tiny_gqa, d, tmp_path, monkeypatch):
     """A run writes a complete bundle; a failing rerun (even with --force) leaves the old one untouched and
     nothing else; --force replaces it once the new one is complete."""
-    import mlx_listen.convert.reference_run as rr
+    import mlx_listen_convert.reference.run as rr
 
     out = tmp_path / "b"
     r = reference(*args(tiny_gqa, d, out, "--heads", d / "H.json"))

@@ -10,14 +10,17 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import tone
+from support import tone
 
-from mlx_listen import mmau, scoring
+from mlx_listen import presets
 from mlx_listen.chat import AUDIO, messages_for
 from mlx_listen.errors import ListenWarning
-from mlx_listen.generate import Row, decode, generate, prefill
+from mlx_listen.eval import logprob
+from mlx_listen.generate import decode, generate, prefill
+from mlx_listen.interp import scoring
+from mlx_listen.interp.edit import Row
+from mlx_listen.interp.steering import Silence, SteerConfig, Steerer
 from mlx_listen.prompt import prepare
-from mlx_listen.steering import Silence, SteerConfig, Steerer
 
 # different token lengths (the tiny tokenizer is byte-level: 1 byte = 1 token)
 ITEM = {"question": "Who is speaking?", "choices": ["Man", "A woman", "Child", "A robot, very loud"], "answer": "Man"}
@@ -26,20 +29,20 @@ DATA = Path(__file__).parent / "data" / "mmau"
 
 def _prompt(model, processor, preset, clip=None):
     clip = tone(2.0) if clip is None else clip
-    q = mmau.build_prompt(ITEM, preset)
+    q = presets.build_prompt(ITEM, preset)
     return clip, q, prepare(model, processor, [clip], q)
 
 
 @pytest.mark.parametrize("preset", ["r1-aqa", "mmau"])
 def test_option_logprobs_match_transformers(tiny, preset):
-    from mlx_listen.convert.reference import option_logprobs_hf
+    from mlx_listen_convert.reference.hf import option_logprobs_hf
 
     model, processor = tiny.mlx
     clip, q, prompt = _prompt(model, processor, preset)
     options = scoring.option_ids(processor, prompt, ITEM["choices"], preset)
     assert len({len(o) for o in options}) == 4, "options of different lengths"
     lp, per_token = scoring.option_logprobs(model, processor, prompt, ITEM["choices"], preset, per_token=True)
-    texts = [scoring.continuation(preset, c) for c in ITEM["choices"]]
+    texts = [presets.continuation(preset, c) for c in ITEM["choices"]]
     ref = option_logprobs_hf(tiny.hf_model, tiny.hf_processor, [clip], q, texts)
     assert ref["ids"] == options, "the continuation tokenises as transformers' tokenizer does"
     assert lp.shape == (1, 4) and np.abs(lp[0] - ref["sums"]).max() <= 1e-4
@@ -52,7 +55,7 @@ def test_option_logprobs_match_transformers(tiny, preset):
 def test_steered_option_logprobs_match_transformers(tiny):
     """A steering delta added to the last block's output at T and after (or at T only): the shared
     forward's scores equal transformers' with the delta added through a forward hook."""
-    from mlx_listen.convert.reference import option_logprobs_hf
+    from mlx_listen_convert.reference.hf import option_logprobs_hf
 
     model, processor = tiny.mlx
     clip, q, prompt = _prompt(model, processor, "r1-aqa")
@@ -70,7 +73,7 @@ def test_steered_option_logprobs_match_transformers(tiny):
 def test_hooked_condition_scores_with_its_hooks(tiny_gqa):
     """A condition that changes the forward pass (a head ablated at every position) is scored by
     its own prefill with its hooks on: the prompt and the continuations both see them."""
-    from mlx_listen.convert.reference import option_logprobs_hf
+    from mlx_listen_convert.reference.hf import option_logprobs_hf
 
     model, processor = tiny_gqa.mlx
     clip, q, prompt = _prompt(model, processor, "mmau")
@@ -172,15 +175,15 @@ def test_prefill_is_left_for_decoding(tiny_gqa):
 def test_continuation_tokenisation(tiny):
     """ids(prompt) + ids(continuation) is what tokenising the prompt and the answer as one text gives."""
     model, processor = tiny.mlx
-    for preset in mmau.PROMPTS:
+    for preset in presets.PROMPTS:
         _, q, prompt = _prompt(model, processor, preset)
         text = processor.render(messages_for(q, 1))
         text = text.replace(AUDIO, AUDIO * prompt.n_audio_tokens)
         for c, ids in zip(ITEM["choices"], scoring.option_ids(processor, prompt, ITEM["choices"], preset)):
-            joint = list(processor.tokenizer.encode(text + scoring.continuation(preset, c), add_special_tokens=True))
+            joint = list(processor.tokenizer.encode(text + presets.continuation(preset, c), add_special_tokens=True))
             assert joint == prompt.ids + ids, (preset, c)
-    assert scoring.continuation("r1-aqa-think", " Man ") == "<answer>Man</answer>"
-    assert scoring.continuation("mmau", "Man") == "Man"
+    assert presets.continuation("r1-aqa-think", " Man ") == "<answer>Man</answer>"
+    assert presets.continuation("mmau", "Man") == "Man"
     eos = processor.tokenizer.eos_token_id
     assert scoring.option_ids(processor, prompt, ["Man"], "mmau", end=True)[0][-1] == eos
 
@@ -189,7 +192,7 @@ def test_every_mmau_choice_starts_a_pretoken():
     """Under Qwen2's pre-tokenizer (the tiny tokenizer's, the real model's regex) the join of
     `assistant\\n` and every MMAU continuation is a pre-token boundary: BPE merges never cross it, so
     a continuation encoded on its own is the joint text's tail with the real vocabulary too."""
-    from mlx_listen.convert.tiny import build_tokenizer
+    from mlx_listen_convert.reference.tiny import build_tokenizer
 
     pre_tok = build_tokenizer().backend_tokenizer.pre_tokenizer
     head = "assistant\n"
@@ -198,7 +201,7 @@ def test_every_mmau_choice_starts_a_pretoken():
         for it in json.loads((DATA / f).read_text()):
             for c in it["choices"]:
                 for preset in ("r1-aqa", "mmau"):
-                    seen.add(scoring.continuation(preset, c))
+                    seen.add(presets.continuation(preset, c))
     assert len(seen) > 3000
     bad = [t for t in seen if not any(e == len(head) for _, (_, e) in pre_tok.pre_tokenize_str(head + t))]
     assert bad == []
@@ -239,7 +242,7 @@ def test_margin_choice_and_probs():
     p = scoring.option_probs(lp)
     assert np.allclose(p.sum(-1), 1) and np.allclose(np.log(p[0] / p[0, 0]), lp[0] - lp[0, 0])
     assert scoring.choice(np.array([-1.0, -1.0])) == 0  # ties: the first
-    assert scoring.answer_index({"choices": ["a", " b "], "answer": "b"}) == 1
+    assert logprob.answer_index({"choices": ["a", " b "], "answer": "b"}) == 1
 
 
 # -- integration (conditions.Answerer.respond, eval --score, heads --target margin): these run once
@@ -248,8 +251,8 @@ def test_margin_choice_and_probs():
 def test_answerer_scores_every_condition_from_its_prefill(tiny_gqa, monkeypatch):
     from contextlib import contextmanager
 
-    from mlx_listen import conditions
-    from mlx_listen.conditions import Answerer, Condition, baseline, steered
+    from mlx_listen.eval import conditions
+    from mlx_listen.eval.conditions import Answerer, Condition, baseline, steered
 
     model, processor = tiny_gqa.mlx
     _, _, prompt = _prompt(model, processor, "r1-aqa")
@@ -286,8 +289,8 @@ def test_answerer_scores_every_condition_from_its_prefill(tiny_gqa, monkeypatch)
 
 @pytest.mark.parametrize("mode", ["both", "logprob"])
 def test_eval_score_modes(tiny_gqa, tmp_path, mode):
-    from mlx_listen.demo_set import make_demo_set
-    from mlx_listen.evaluate import EvalSpec, run_eval
+    from mlx_listen.eval.demo_set import make_demo_set
+    from mlx_listen.eval.evaluate import EvalSpec, run_eval
     from mlx_listen.records import read_predictions
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
@@ -298,7 +301,7 @@ def test_eval_score_modes(tiny_gqa, tmp_path, mode):
     for r in rows:
         assert len(r["option_logprobs"]) == len(r["choices"]) and np.isfinite(r["margin"])
         assert r["logprob_choice"] == scoring.choice(r["option_logprobs"])
-        assert r["logprob_correct"] == (r["logprob_choice"] == scoring.answer_index(r))
+        assert r["logprob_correct"] == (r["logprob_choice"] == logprob.answer_index(r))
         if mode == "logprob":
             assert r["model_output"] == r["choices"][r["logprob_choice"]] and "raw_output" not in r
         else:
@@ -308,7 +311,7 @@ def test_eval_score_modes(tiny_gqa, tmp_path, mode):
     assert summary["score"] == mode and lp["n"] == 4
     assert lp["accuracy"]["overall"] == sum(r["logprob_correct"] for r in rows) / 4
     assert ("generation_accuracy" in lp) == (mode == "both") and report.logprob == lp
-    assert "log-prob accuracy" in scoring.summary_line(lp)
+    assert "log-prob accuracy" in logprob.summary_line(lp)
     # resuming with another scoring mode is refused (the run's identity holds it)
     from mlx_listen.errors import ListenError
 
@@ -318,9 +321,9 @@ def test_eval_score_modes(tiny_gqa, tmp_path, mode):
 
 
 def test_heads_target_margin(tiny_gqa, tmp_path):
-    from mlx_listen.demo_set import make_demo_set
-    from mlx_listen.heads import calibrate, find_heads
-    from mlx_listen.mmau import load_items
+    from mlx_listen.eval.demo_set import make_demo_set
+    from mlx_listen.eval.mmau import load_items
+    from mlx_listen.method.heads import calibrate, find_heads
 
     model, processor = tiny_gqa.mlx
     demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
@@ -337,9 +340,9 @@ def test_heads_target_margin(tiny_gqa, tmp_path):
 
 
 def test_cli_score_and_target(tiny_gqa, tmp_path):
-    from conftest import invoke, ok
+    from support import invoke, ok
 
-    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.eval.demo_set import make_demo_set
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=1)
     common = ["--data", demo, "--audio-dir", demo.parent, "--model", tiny_gqa.mlx_path, "-m", 3, "--limit", 7]

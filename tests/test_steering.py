@@ -8,21 +8,22 @@ import mlx.core as mx
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import SR, tone
+from support import SR, tone
 
-from mlx_listen.capture import RESID, run_with_cache
-from mlx_listen.conditions import Answerer, baseline, steered
 from mlx_listen.errors import ListenError
+from mlx_listen.eval.conditions import Answerer, baseline, steered
 from mlx_listen.generate import generate
+from mlx_listen.hooks import RESID, run_with_cache
+from mlx_listen.interp.steering import Silence, SteerConfig, Steerer
+from mlx_listen.method.directions import load_vector, save_vector, steer_config
 from mlx_listen.prompt import prepare
-from mlx_listen.steering import Silence, SteerConfig, Steerer, load_vector, save_vector, steer_config
 
 Q = "Describe the audio."
 
 
 @pytest.mark.parametrize("at", ["all", "prompt"])
 def test_steered_logits_and_tokens_match_pytorch(tiny, at):
-    from mlx_listen.convert.reference import run_steered
+    from mlx_listen_convert.reference.hf import run_steered
 
     clip, layers, alpha = tone(2.5), [0, 1], 1.5
     ref = run_steered(tiny.hf_model, tiny.hf_processor, [clip], Q, layers=layers, alpha=alpha, at=at,
@@ -203,7 +204,7 @@ def test_rows_leave_the_batch_at_eos(tiny_gqa, monkeypatch):
 def test_listening_of_a_steered_answer_is_the_clips(tiny_gqa):
     """`ask --listen --steer`: the listening score is the clip's, not the silence pass's (issue 10.1)."""
     from mlx_listen.ask import ask
-    from mlx_listen.heads import HeadSet
+    from mlx_listen.headset import HeadSet
 
     model, processor = tiny_gqa.mlx
     clip = tone(2.0)
@@ -239,8 +240,8 @@ def test_bad_configs_are_refused(tiny_gqa):
 
 def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
     """The reference run records the PyTorch steering; `parity` recomputes and checks it."""
-    from mlx_listen.convert.reference_run import make_bundle, read_items
     from mlx_listen.parity import parity
+    from mlx_listen_convert.reference.run import make_bundle, read_items
 
     sf.write(tmp_path / "a.wav", tone(2.2), SR)
     (tmp_path / "items.json").write_text(json.dumps([{"audio": "a.wav", "question": Q}]))
@@ -264,7 +265,7 @@ def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     from click.testing import CliRunner
 
     from mlx_listen.cli import main
-    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.eval.demo_set import make_demo_set
 
     demo = make_demo_set(tmp_path / "demo", n_per_kind=2)
     heads = tmp_path / "H.json"
@@ -288,8 +289,8 @@ def test_eval_compare_and_sweep_keep_splits_disjoint(tiny_gqa, tmp_path):
     assert _split_rows(tmp_path / "sw" / "calibration") == calib
     assert _split_rows(tmp_path / "sw" / "test") == test
     assert (tmp_path / "sw" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from mlx_listen.mmau import load_items
-    from mlx_listen.sweep import split_ids
+    from mlx_listen.eval.mmau import load_items
+    from mlx_listen.method.sweep import split_ids
 
     assert split_ids(load_items(demo), 0.5, 3) == (res["splits"]["calibration"], res["splits"]["test"])
 
@@ -300,7 +301,7 @@ def test_sweep_with_logprob_scoring_gives_a_graded_margin_curve(tiny_gqa, tmp_pa
     from click.testing import CliRunner
 
     from mlx_listen.cli import main
-    from mlx_listen.demo_set import make_demo_set
+    from mlx_listen.eval.demo_set import make_demo_set
     from mlx_listen.records import read_predictions
     from mlx_listen.stats import paired_mean_diff
 

@@ -15,7 +15,7 @@ here = Path(__file__).resolve().parent
 sys.path.insert(0, str(here.parents[2]))  # tests/, for conftest's recipe
 from conftest import INIT, SR, VARIANTS, tone  # noqa: E402
 
-from mlx_listen.convert.tiny import build_tiny  # noqa: E402
+from mlx_listen_convert.reference.tiny import build_tiny  # noqa: E402
 
 out = Path(sys.argv[1])
 out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name(0))"
 mkdir -p /tmp/b
 for m in gqa mha; do
-  python3 -m mlx_listen.convert.reference_run --model $R/.gpu/$m-hf --items $R/.gpu/items.json --out /tmp/b/$m-cuda-fp32 --dtype float32 --drift --device cuda --max-new-tokens 24 --heads $R/.gpu/H.json --steer --alpha 1.5 || exit 2
-  python3 -m mlx_listen.convert.reference_run --model $R/.gpu/$m-hf --items $R/.gpu/items.json --out /tmp/b/$m-cuda-bf16 --dtype bfloat16 --device cuda --max-new-tokens 24 --heads $R/.gpu/H.json --steer --alpha 1.5 || exit 3
+  python3 -m mlx_listen_convert.reference.run --model $R/.gpu/$m-hf --items $R/.gpu/items.json --out /tmp/b/$m-cuda-fp32 --dtype float32 --drift --device cuda --max-new-tokens 24 --heads $R/.gpu/H.json --steer --alpha 1.5 || exit 2
+  python3 -m mlx_listen_convert.reference.run --model $R/.gpu/$m-hf --items $R/.gpu/items.json --out /tmp/b/$m-cuda-bf16 --dtype bfloat16 --device cuda --max-new-tokens 24 --heads $R/.gpu/H.json --steer --alpha 1.5 || exit 3
 done
 tar -C /tmp/b -cf $OUT/bundles.tar . && ls -la /tmp/b/*

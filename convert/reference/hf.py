@@ -1,0 +1,246 @@
+"""The PyTorch reference: run transformers' Qwen2-Audio on the same inputs and keep every number
+the MLX side computes (features, encoder and projector outputs, each decoder layer's output,
+logits, greedy tokens), as numpy arrays.
+
+Needs the `reference` extra (torch, transformers). Used by the parity tests and the reference run;
+the interventions' references are `ablation`, `patching` and `lens` beside this module.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from mlx_listen.chat import messages_for
+
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def pick_device(device: str | None = None) -> str:
+    import torch
+
+    if device:
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_hf(path_or_repo) -> str:
+    """A local folder, or a hub repo id through huggingface-hub's cache."""
+    from pathlib import Path
+
+    if Path(path_or_repo).exists():
+        return str(path_or_repo)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(str(path_or_repo), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt"])
+
+
+def revision_of(path_or_repo) -> str | None:
+    """The hub commit of a cached snapshot (its folder name), or None for a plain folder."""
+    from pathlib import Path
+
+    p = Path(resolve_hf(path_or_repo)).resolve()
+    return p.name if p.parent.name == "snapshots" else None
+
+
+def load_hf(path, dtype: str = "float32", device: str | None = None, attn: str = "sdpa"):
+    """`attn="eager"` makes `run` also record the per-head attention mass on the audio."""
+    import torch
+    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+
+    path = resolve_hf(path)
+    model = Qwen2AudioForConditionalGeneration.from_pretrained(
+        path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attn
+    ).to(pick_device(device)).eval()
+    return model, AutoProcessor.from_pretrained(path)
+
+
+def hf_inputs(processor, clips: Sequence[np.ndarray], question: str, system: str | None = None):
+    """The processor's inputs for one question about `clips` (16 kHz float arrays)."""
+    text = processor.apply_chat_template(
+        messages_for(question, len(clips), system), add_generation_prompt=True, tokenize=False
+    )
+    return processor(text=text, audio=list(clips), sampling_rate=16000, return_tensors="pt")
+
+
+def run(model, processor, clips: Sequence[np.ndarray], question: str, system: str | None = None,
+        max_new_tokens: int = 0) -> dict[str, np.ndarray]:
+    """Every stage's output for one prompt, as float32/int numpy arrays (batch dim dropped)."""
+    import torch
+
+    inputs = hf_inputs(processor, clips, question, system).to(model.device)
+    features = inputs["input_features"].float().cpu().numpy()  # the extractor's fp32 output
+    inputs["input_features"] = inputs["input_features"].to(model.dtype)
+    lm = model.model.language_model
+    grabbed: dict[str, object] = {}
+    hooks = [
+        model.model.audio_tower.register_forward_hook(
+            lambda m, a, o: grabbed.__setitem__("encoder", o.last_hidden_state)),
+        model.model.multi_modal_projector.register_forward_hook(
+            lambda m, a, o: grabbed.__setitem__("projector", o)),
+    ]
+    layer_out: list = []
+    for layer in lm.layers:
+        hooks.append(layer.register_forward_hook(
+            lambda m, a, o: layer_out.append(o[0] if isinstance(o, tuple) else o)))
+    eager = model.config._attn_implementation == "eager"  # attention weights need eager attention
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=eager)
+    finally:
+        for h in hooks:
+            h.remove()
+
+    n_frames = inputs["feature_attention_mask"].sum(-1).tolist()
+    n_tok = [((n - 1) // 2 + 1 - 2) // 2 + 1 for n in n_frames]
+
+    def valid(x):  # (clips, 750, d) → the kept tokens of every clip, concatenated
+        return torch.cat([x[i, :n] for i, n in enumerate(n_tok)]).float().cpu().numpy()
+
+    res = {
+        "input_ids": inputs["input_ids"][0].cpu().numpy(),
+        "input_features": features,
+        "feature_attention_mask": inputs["feature_attention_mask"].cpu().numpy(),
+        "encoder": valid(grabbed["encoder"]),
+        "projector": valid(grabbed["projector"]),
+        "hidden_states": torch.stack([h[0] for h in layer_out]).float().cpu().numpy(),
+        "logits": out.logits[0].float().cpu().numpy(),
+    }
+    if eager:  # per layer and head, the attention mass on the audio at the last prompt position
+        ids = inputs["input_ids"][0]
+        audio = (ids == model.config.audio_token_id).nonzero()[:, 0]
+        res["audio_mass"] = torch.stack([a[0, :, -1, audio].float().sum(-1) for a in out.attentions]).cpu().numpy()
+    if max_new_tokens:
+        with torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        res["greedy_tokens"] = gen[0, inputs["input_ids"].shape[1]:].cpu().numpy()
+    return res
+
+
+def run_steered(model, processor, clips: Sequence[np.ndarray], question: str, system: str | None = None, *,
+                layers: Sequence[int], alpha: float, at: str = "all", max_new_tokens: int = 0) -> dict[str, np.ndarray]:
+    """Audio–silence steering in PyTorch (forward hooks), the reference for `mlx_listen.steering`.
+
+    d = mean over `layers` of (block output with the audio - with equal-length digital silence) at
+    the last prompt position, in float32; α·d is added to the last decoder block's output at the
+    last position of every forward call (`at="all"`: the prompt's last position, then each
+    generated token) or of the first call only (`at="prompt"`).
+    """
+    import torch
+
+    lm = model.model.language_model
+
+    def block_outputs(inputs) -> dict[int, "torch.Tensor"]:
+        got, hooks = {}, []
+        for l in layers:
+            hooks.append(lm.layers[l].register_forward_hook(
+                lambda m, a, o, l=l: got.__setitem__(l, (o[0] if isinstance(o, tuple) else o)[0, -1].float())))
+        try:
+            with torch.no_grad():
+                model(**inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        return got
+
+    def prepared(audio):
+        inputs = hf_inputs(processor, audio, question, system).to(model.device)
+        inputs["input_features"] = inputs["input_features"].to(model.dtype)
+        return inputs
+
+    inputs = prepared(list(clips))
+    silent = prepared([np.zeros_like(c) for c in clips])
+    assert torch.equal(inputs["input_ids"], silent["input_ids"]), "silence changed the prompt"
+    a, s = block_outputs(inputs), block_outputs(silent)
+    d = torch.stack([a[l] - s[l] for l in layers]).mean(0)
+    calls = {"n": 0}
+
+    def steer(module, args, output):
+        calls["n"] += 1
+        if at == "prompt" and calls["n"] > 1:
+            return output
+        h = output[0] if isinstance(output, tuple) else output
+        h = h.clone()
+        h[:, -1] += (alpha * d).to(h.dtype)
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    hook = lm.layers[-1].register_forward_hook(steer)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits[0, -1].float().cpu().numpy()
+            res = {"steer_direction": d.cpu().numpy(), "steered_logits_last": logits}
+            if max_new_tokens:
+                calls["n"] = 0
+                gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+                res["steered_greedy_tokens"] = gen[0, inputs["input_ids"].shape[1]:].cpu().numpy()
+    finally:
+        hook.remove()
+    return res
+
+
+def option_logprobs_hf(model, processor, clips: Sequence[np.ndarray], question: str, continuations, system=None,
+                       steer=None, at: str = "all") -> dict:
+    """transformers' log-probabilities of answer continuations, the reference for `mlx_listen.scoring`.
+
+    Each continuation (a string, tokenised without special tokens, or a list of token ids) is
+    appended to the prompt and the whole sequence runs through the decoder in one forward pass; its
+    score is the sum over its tokens of the float32 log-softmax of the logits at the position before
+    each token (the last prompt position T for the first). The audio runs through the tower once:
+    the decoder reads the input embeddings transformers merged for the prompt, followed by the
+    continuation's token embeddings. `steer`: a delta (hidden,) added to the last decoder layer's
+    output (forward hook) at T and every later position (`at="all"`) or at T only (`at="prompt"`).
+    Returns {"ids": [list], "per_token": [float32 arrays], "sums": float64 array}.
+    """
+    import torch
+
+    inputs = hf_inputs(processor, clips, question, system).to(model.device)
+    inputs["input_features"] = inputs["input_features"].to(model.dtype)
+    T = inputs["input_ids"].shape[1] - 1
+    lm = model.model.language_model
+    grabbed = {}
+    grab = lm.register_forward_pre_hook(
+        lambda m, args, kwargs: grabbed.__setitem__("emb", kwargs["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        grab.remove()
+    prompt_emb = grabbed["emb"]  # (1, T + 1, hidden): text embeddings with the audio merged in
+    hook = None
+    if steer is not None:
+        d = torch.as_tensor(np.asarray(steer, np.float32), device=model.device)
+
+        def edit(module, args, output):
+            h = output[0] if isinstance(output, tuple) else output
+            h = h.clone()
+            if at == "prompt":
+                h[:, T] += d.to(h.dtype)
+            else:
+                h[:, T:] += d.to(h.dtype)
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        hook = lm.layers[-1].register_forward_hook(edit)
+    out = {"ids": [], "per_token": [], "sums": []}
+    try:
+        for c in continuations:
+            ids = processor.tokenizer(c, add_special_tokens=False)["input_ids"] if isinstance(c, str) else list(c)
+            cont = torch.tensor(ids, dtype=torch.long, device=model.device)
+            emb = torch.cat([prompt_emb, lm.embed_tokens(cont)[None].to(prompt_emb.dtype)], dim=1)
+            with torch.no_grad():
+                h = lm(inputs_embeds=emb, attention_mask=torch.ones(emb.shape[:2], dtype=torch.long,
+                                                                  device=model.device)).last_hidden_state
+                logits = model.lm_head(h[0, T:T + len(ids)]).float()
+            lp = torch.log_softmax(logits, dim=-1).gather(-1, cont[:, None])[:, 0].cpu().numpy()
+            out["ids"].append(list(ids))
+            out["per_token"].append(lp.astype(np.float32))
+            out["sums"].append(float(lp.astype(np.float64).sum()))
+    finally:
+        if hook is not None:
+            hook.remove()
+    out["sums"] = np.array(out["sums"], np.float64)
+    return out
