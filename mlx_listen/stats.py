@@ -48,6 +48,7 @@ Intervals and tests
   Holm-adjusted p.
 - `paired_mean_diff(base, treat, level=0.95, min_group=10) -> dict`: mean paired difference
   (e.g. the option log-prob margin, steered minus unsteered) with its t interval.
+- `wilson(correct, n)`: the Wilson interval every accuracy in every report carries.
 - `mcnemar_exact(b, c)`, `newcombe_paired_ci(n11, n12, n21, n22)`, `holm(pvals)`.
 - `stratified_folds(ids, tasks, n_folds=2, seed=0) -> list[list[id]]`: disjoint folds covering
   every id once, balanced per task; independent of the input order.
@@ -75,7 +76,7 @@ Design choices
   who recommend it. Closed form and deterministic; good coverage for small discordant counts,
   where a paired bootstrap degenerates (0 discordant pairs gives the bootstrap interval [0, 0]).
   `method="bootstrap"` gives the paired percentile bootstrap (items resampled as pairs) instead.
-- McNemar: exact two-sided binomial test on the discordant pairs (scipy.stats.binomtest);
+- McNemar: exact two-sided binomial test on the discordant pairs, in exact integer arithmetic;
   p = 1 when there are none. Per-task p-values are Holm-adjusted (step-down, monotone).
 - Matched controls: steering reads only the layers of the heads, so a control must match the
   layer profile (number of layers and heads per layer), not just the head count. Layers are
@@ -89,14 +90,29 @@ Design choices
 
 from __future__ import annotations
 
+import math
 from collections import Counter, defaultdict
 from math import comb
 from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
-from scipy import stats as _sps
 
 from .errors import ListenError
+
+Z95 = 1.959963984540054  # the two-sided 95% normal quantile
+
+
+class _SciPy:
+    """scipy.stats on first use: scoring a run (`eval score`) needs Wilson and McNemar, not scipy's
+    import time."""
+
+    def __getattr__(self, name):
+        from scipy import stats
+
+        return getattr(stats, name)
+
+
+_sps = _SciPy()
 
 CENTERS = ("none", "task")
 _HEAD_TOL = 1e-9  # a head whose residual norm is below this share of its raw norm is constant
@@ -703,15 +719,25 @@ def holm(pvals) -> list[float]:
 
 
 def mcnemar_exact(b: int, c: int) -> float:
-    """Exact two-sided McNemar p: binomial test of b successes in b + c at 1/2; 1 when b + c = 0."""
-    return 1.0 if b + c == 0 else float(_sps.binomtest(int(b), int(b + c), 0.5).pvalue)
+    """Exact two-sided McNemar p: the binomial(b + c, 1/2) tail of the discordant pairs, doubled, in
+    exact integer arithmetic; 1 when b + c = 0."""
+    n = int(b) + int(c)
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(min(int(b), int(c)) + 1))
+    return min(1.0, 2 * tail / 2**n)
 
 
-def _wilson(x: float, n: int, z: float) -> tuple[float, float]:
-    p = x / n
-    centre, half = p + z * z / (2 * n), z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    d = 1 + z * z / n
-    return (centre - half) / d, (centre + half) / d
+def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a proportion (95% by default); (0, 1) when there is no data, and
+    exactly 0 / 1 at 0/n and n/n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (0.0 if correct == 0 else max(0.0, centre - half)), (1.0 if correct == n else min(1.0, centre + half))
 
 
 def newcombe_paired_ci(n11: int, n12: int, n21: int, n22: int, level: float = 0.95) -> tuple[float, float]:
@@ -720,10 +746,10 @@ def newcombe_paired_ci(n11: int, n12: int, n21: int, n22: int, level: float = 0.
     n11: both right; n12: first right, second wrong; n21: first wrong, second right; n22: both
     wrong. p1 = (n11 + n12) / n, p2 = (n11 + n21) / n."""
     n = n11 + n12 + n21 + n22
-    z = float(_sps.norm.ppf(0.5 + level / 2))
+    z = Z95 if level == 0.95 else float(_sps.norm.ppf(0.5 + level / 2))
     p1, p2 = (n11 + n12) / n, (n11 + n21) / n
-    l1, u1 = _wilson(n11 + n12, n, z)
-    l2, u2 = _wilson(n11 + n21, n, z)
+    l1, u1 = wilson(n11 + n12, n, z)
+    l2, u2 = wilson(n11 + n21, n, z)
     margins = (n11 + n12) * (n21 + n22) * (n11 + n21) * (n12 + n22)
     phi = 0.0
     if margins > 0:

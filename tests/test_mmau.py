@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from mlx_listen.errors import ListenError
-from mlx_listen.eval.mmau import compare, extract_answer, load_items, mcnemar_exact, score, string_match, tokens, wilson
+from mlx_listen.eval.mmau import compare, extract_answer, load_items, score, string_match, tokens
 from mlx_listen.presets import PROMPTS, build_prompt
 from mlx_listen.records import file_sha256
+from mlx_listen.stats import mcnemar_exact, wilson
 
 DATA = Path(__file__).resolve().parent / "data" / "mmau"  # shipped with the tests: never skipped
 FILES = {"v05.15.25": DATA / "mmau-test-mini.json", "orig": DATA / "mmau-test-mini-pre-v05.15.25.json"}

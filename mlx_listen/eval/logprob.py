@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .. import stats
 from ..errors import ListenError
 from ..interp.scoring import choice, margin
 from . import mmau
@@ -45,7 +46,7 @@ def summary(rows: Sequence[dict]) -> dict | None:
     for name, g in groups.items():
         if g:
             k = sum(bool(r["logprob_correct"]) for r in g)
-            acc[name], ci[name] = k / len(g), list(mmau.wilson(k, len(g)))
+            acc[name], ci[name] = k / len(g), list(stats.wilson(k, len(g)))
     m = np.array([r["margin"] for r in rows], np.float64)
     m = m[np.isfinite(m)]
     out.update(accuracy=acc, ci95=ci, correct=sum(bool(r["logprob_correct"]) for r in rows),

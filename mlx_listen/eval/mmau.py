@@ -11,18 +11,16 @@ Pure Python: no torch, transformers or mlx.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ListenError
-from ..records import file_sha256  # noqa: F401  (a data file's hash: `mmau.file_sha256`)
+from ..stats import mcnemar_exact, wilson
 
 TASKS = ("sound", "music", "speech")
 DIFFICULTIES = ("easy", "hard", "medium")  # the official script's order, not easy-medium-hard
 REQUIRED = ("id", "audio_id", "question", "choices", "answer", "task", "difficulty")
-Z95 = 1.959963984540054
 
 # ---------------------------------------------------------------------------------------------
 # Data
@@ -125,18 +123,6 @@ def matched_choice(prediction: str, choices) -> int | None:
     punctuation pick the same choice."""
     hits = [i for i, c in enumerate(choices) if string_match(c, prediction or "", choices)]
     return hits[0] if len(hits) == 1 else None
-
-
-def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """95% Wilson score interval for a proportion; (0, 1) when there is no data."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # Exact ends at 0/n and n/n, where rounding would otherwise leave 1e-17 or 0.9999999999999999.
-    return (0.0 if correct == 0 else max(0.0, centre - half)), (1.0 if correct == n else min(1.0, centre + half))
 
 
 @dataclass
@@ -289,15 +275,6 @@ def score(items, key: str = "model_output", *, extract: bool = False, raw_key: s
 
 # ---------------------------------------------------------------------------------------------
 # Paired comparison of two runs
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar test: binomial(b + c, 1/2) on the discordant pairs."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(min(b, c) + 1))
-    return min(1.0, 2 * tail / 2**n)
-
 
 def compare(preds_a, preds_b, key: str = "model_output") -> dict:
     """Pair two runs by item id and compare official-match accuracy, overall and per task.

@@ -40,6 +40,7 @@ from ..errors import ListenError
 from ..eval import mmau
 from ..eval.conditions import Answerer, ablated, baseline, steered
 from ..eval.evaluate import EvalSpec, audio_problems
+from ..headset import control_sets
 from ..interp.ablation import Ablation, parse_mode
 from ..interp.steering import SteerConfig, Steerer
 from ..load import ModelRef
@@ -214,8 +215,7 @@ class Experiment:
         fold.other_center = {"center": other, "heads": [list(h) for h in other_top.heads],
                              **stats.set_overlap(fold.heads, other_top.heads)}
         n_layers, n_heads = self.backend.shape
-        fold.random_sets = stats.matched_random_sets(fold.heads, n_layers, n_heads, n_sets=s.random_sets,
-                                                     seed=s.seed + 1000 * (fold.index + 1))
+        fold.random_sets = control_sets(fold.heads, n_layers, n_heads, s.random_sets, seed=s.seed + 1000 * (fold.index + 1))
 
     def _layers(self, heads) -> list[int]:
         return sorted({l for l, _ in heads})
@@ -239,7 +239,7 @@ class Experiment:
             curve = {}
             for a in s.alphas:
                 ok = np.array([r["results"][tuned(name, a)]["correct"] for r in rows], bool)
-                lo, hi = mmau.wilson(int(ok.sum()), len(ok))
+                lo, hi = stats.wilson(int(ok.sum()), len(ok))
                 curve[f"{a:g}"] = {"accuracy": float(ok.mean()) if len(ok) else None, "ci95": [lo, hi], "n": len(ok)}
             best = max(s.alphas, key=lambda a: ((curve[f"{a:g}"]["accuracy"] or 0.0), -abs(a)))
             fold.alpha[name] = best

@@ -14,6 +14,7 @@ from ..eval import mmau
 from ..interp.ablation import head_means, save_means
 from ..load import ModelRef
 from ..prompt import prepare
+from ..records import file_sha256
 
 
 def means_from_data(model, data, audio_dir, out, *, limit=None, prompt: str = presets.DEFAULT_PRESET,
@@ -36,7 +37,7 @@ def means_from_data(model, data, audio_dir, out, *, limit=None, prompt: str = pr
             yield p
 
     means = head_means(mdl, prompts())
-    meta = {"model": str(ref), "data_sha256": mmau.file_sha256(data), "prompt": prompt,
+    meta = {"model": str(ref), "data_sha256": file_sha256(data), "prompt": prompt,
             "n_items": len(sizes), "n_positions": sum(sizes), "failed": failed, "positions": "every prompt position"}
     path = Path(out)
     save_means(path, means, meta)

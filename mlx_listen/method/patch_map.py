@@ -40,7 +40,7 @@ from ..interp.steering import Silence
 from ..load import ModelRef
 from ..plots import heatmap
 from ..prompt import Prompt, as_features, prepare
-from ..records import Stage, claim, locked, write_json
+from ..records import Stage, claim, file_sha256, locked, write_json
 
 # -- one item -------------------------------------------------------------------------------------
 
@@ -255,7 +255,7 @@ def patch_run(model, out, *, clip=None, question: str | None = None, system: str
         items = [it for it in mmau.load_items(data) if it["task"] in tasks][:limit]
         if not items:
             raise ListenError(f"no items in {data} for tasks {', '.join(tasks)}")
-        identity = {"model_fingerprint": ref.fingerprint(), "data_sha256": mmau.file_sha256(data)}
+        identity = {"model_fingerprint": ref.fingerprint(), "data_sha256": file_sha256(data)}
     marked = list(heads.heads) if heads is not None else []
     with locked(out):
         mdl, processor = ref.get()

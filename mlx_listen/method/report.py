@@ -54,7 +54,7 @@ def build_report(s, items: list[dict], base: dict, folds: list) -> dict:
     conditions = {}
     for n in names:
         ok = np.array([results[n][i] for i in ids], bool)
-        lo, hi = mmau.wilson(int(ok.sum()), len(ok))
+        lo, hi = stats.wilson(int(ok.sum()), len(ok))
         entry = {"n": len(ok), "correct": int(ok.sum()), "accuracy": float(ok.mean()) if len(ok) else None,
                  "ci95": [lo, hi],
                  "per_task": {t: _acc([results[n][i] for i in ids if tasks[i] == t]) for t in mmau.TASKS}}
@@ -88,7 +88,7 @@ def build_report(s, items: list[dict], base: dict, folds: list) -> dict:
 
 def _acc(vals) -> dict:
     n, c = len(vals), int(sum(vals))
-    lo, hi = mmau.wilson(c, n)
+    lo, hi = stats.wilson(c, n)
     return {"n": n, "correct": c, "accuracy": c / n if n else None, "ci95": [lo, hi]}
 
 
