@@ -1,14 +1,18 @@
-"""mlx-listen: Qwen2-Audio in MLX, with head-level attention capture and audio steering.
+"""mlx-listen: audio-language models (Qwen2-Audio) in MLX, with head-level attention capture,
+audio-specialist heads and audio–silence steering.
 
-The package imports nothing heavy: `mlx_listen.load`, `prepare`, `generate`, `ask` are found on
-first use (PEP 562), so `mlx-listen --help`, scoring and the MLX-free reference side start fast.
+The package imports nothing heavy: the names below are found on first use (PEP 562), so
+`mlx-listen --help`, scoring and the reference side start fast. The tree: `models/` (one file per
+family behind one interface), `hooks.py` (the hook namespace and captures), `interp/` (mechanisms),
+`method/` (the method and its runs), `eval/` (MMAU and the eval runner), `cli/` (click).
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "load", "prepare": "prompt", "Prompt": "prompt", "generate": "generate",
-    "stream_generate": "generate", "ask": "ask", "Answer": "generate",
+    "load": "load", "ModelRef": "load", "prepare": "prompt", "Prompt": "prompt", "generate": "generate",
+    "stream_generate": "generate", "Answer": "generate", "ask": "ask", "HeadSet": "headset",
+    "run_with_cache": "hooks", "run_with_hooks": "hooks", "Capture": "hooks",
 }
 
 
@@ -20,4 +24,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["load", "prepare", "generate", "stream_generate", "ask", "Answer", "Prompt", "__version__"]
+__all__ = [*_LAZY, "__version__"]
