@@ -23,9 +23,9 @@ import numpy as np
 from bench_model import DTYPES, build_model  # same random mid-size model as bench_model.py
 
 from mlx_listen.audio import SAMPLE_RATE, audio_features
-from mlx_listen.generate import Prompt
 from mlx_listen.hooks import AUDIO_MASS, Capture
 from mlx_listen.interp.steering import SteerConfig, Steerer
+from mlx_listen.prompt import Prompt
 
 
 def parse_args():
@@ -44,8 +44,8 @@ def parse_args():
 
 
 def make_prompt(model, feats, n_text=40) -> Prompt:
-    """What generate.prepare returns, built without a tokenizer: random text around the audio run."""
-    n_tok, audio_id = feats.n_tokens, model.config.audio_token_index
+    """What prompt.prepare returns, built without a tokenizer: random text around the audio run."""
+    n_tok, audio_id = feats.n_tokens, model.audio_token_id
     rng = np.random.default_rng(0)
     ids = [int(x) for x in rng.integers(0, audio_id - 1, 10)] + [audio_id] * n_tok + \
           [int(x) for x in rng.integers(0, audio_id - 1, n_text - 10)]
@@ -56,17 +56,15 @@ def make_prompt(model, feats, n_text=40) -> Prompt:
 
 def prefill(model, prompt, capture: bool):
     """The prompt's forward pass and the next-token logits (as generation needs: last row only)."""
-    lm = model.language_model
-
     def run():
-        h = lm.model(mx.array(prompt.ids)[None], input_embeddings=prompt.embeddings[None])
-        return lm.lm_head(h[:, -1])
+        h = model.blocks(prompt.embeddings[None])
+        return model.unembed(h[:, -1])
 
     mx.reset_peak_memory()
     tic = time.perf_counter()
     if capture:
-        with Capture(model, AUDIO_MASS.format("*"), prompt.audio_positions) as cap:
-            mx.eval(run(), dict(cap.cache))
+        with Capture(model, AUDIO_MASS.format("*"), audio_positions=prompt.audio_positions, at=prompt.last) as cap:
+            mx.eval(run(), dict(cap.values))
     else:
         mx.eval(run())
     return time.perf_counter() - tic, mx.get_peak_memory()
@@ -92,7 +90,7 @@ def main():
     if a.quick:
         a.layers, a.trials, a.decode_tokens = 2, 2, 4
     model = build_model(a)
-    n_layers = len(model.layers)
+    n_layers = model.n_layers
     read = [int(x) for x in a.read_layers.split(",")] if a.read_layers else list(range(max(1, n_layers // 2)))
     clip = (0.3 * np.sin(2 * np.pi * 440 * np.arange(10 * SAMPLE_RATE) / SAMPLE_RATE)).astype(np.float32)
     feats = audio_features(clip)
@@ -113,7 +111,7 @@ def main():
                            "extra_peak_mb": (max(m_on) - max(m_off)) / 2**20}
         p = rows["prefill"]
         print(f"| prefill, {p['tokens']} tokens, all heads' audio mass | {p['off_s']:.3f} s | {p['capture_s']:.3f} s | "
-              f"{p['ratio']:.3f}x (peak +{p['extra_peak_mb']:.1f} MB) |", flush=True)
+              f"{p['ratio']:.3f}x (peak {p['extra_peak_mb']:+.1f} MB) |", flush=True)
     if "answer" not in a.rows:
         return
 

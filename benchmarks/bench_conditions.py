@@ -2,7 +2,7 @@
 
 A random model at the real widths (decoder hidden 4096, 32 heads, 32 KV heads, FFN 11008;
 encoder d_model 1280, 20 heads, FFN 5120), few layers, bf16, with the tiny byte-level tokenizer
-of `convert/tiny.py` padded to `--vocab` entries (the padding ids decode but are never produced
+of `mlx_listen_convert.reference.tiny` padded to `--vocab` entries (the padding ids decode but are never produced
 by encoding, so prompts are exactly the tiny tokenizer's). One prompt: a 10 s clip (250 audio
 tokens) and a short question through the real chat template and `prompt.prepare`.
 
@@ -16,8 +16,9 @@ wall times are reported next to them.
 - B: `eval --compare` = `Answerer([baseline(), steered(cfg)])` in one call (one prefill, one
   silence pass, one batched decode) vs the old way, a separate answer per condition
   (`Answerer([baseline()])` + `Answerer([steered(cfg)])`);
-- C: a sweep row set, baseline + 5 α (0.5, 1, 2, 3, 4) + a random-head control at α = 1 (its heads
-  drawn like `sweep.py` draws them, so its layers spread over the decoder), 7 answers in one
+- C: a sweep row set, baseline + 5 α (0.5, 1, 2, 3, 4) + a random-head control at α = 1 (`--k` heads
+  drawn uniformly, `headset.random_heads(seed + 1)`, as `sweep.py` drew them before its controls
+  were layer-matched (`headset.control_sets`), so its layers spread over the decoder), 7 answers in one
   `Answerer` vs 7 separate ones.
   The old way is timed as its parts: A and each steered condition alone, every one of them run
   in every trial (the α = 1 answer serves B and C).
@@ -87,7 +88,7 @@ def parse_args():
     p.add_argument("--read-layers", default=None,
                    help="L* of the steering heads, e.g. 1,2 (default: the second quarter to the third of the decoder)")
     p.add_argument("--k", type=int, default=20, help="heads per head set (the random control draws this many)")
-    p.add_argument("--seed", type=int, default=0, help="sweep seed: the control's heads are random_heads(seed + 1)")
+    p.add_argument("--seed", type=int, default=0, help="the control's heads are headset.random_heads(seed + 1)")
     p.add_argument("--rows", default="A,B,C,D,S", help="which rows to run")
     p.add_argument("--heads-layers", type=int, default=2, help="decoder (and encoder) layers of the model for row D")
     p.add_argument("--heads-tokens", type=int, default=256, help="answer length in row D")
@@ -99,7 +100,7 @@ def parse_args():
 # -- model, tokenizer, prompt ----------------------------------------------------------------------
 
 def tiny_processor(vocab_size: int, folder: Path) -> Processor:
-    """convert/tiny.py's byte-level tokenizer (1 byte = 1 token, the six specials at 256-261),
+    """mlx_listen_convert.reference.tiny's byte-level tokenizer (1 byte = 1 token, the six specials at 256-261),
     its vocab padded with decodable filler entries up to `vocab_size`."""
     from mlx_lm.utils import load_tokenizer
     from tokenizers import AddedToken
@@ -207,7 +208,7 @@ def steer_cfg(read, alpha, heads=None):
 
 
 def bench_conditions(a, model, processor, rows: Rows, read, control) -> dict:
-    n_layers, N = len(model.layers), a.tokens
+    n_layers, N = model.n_layers, a.tokens
     mk = lambda conds: Answerer(model, processor, conds, max_tokens=N)  # noqa: E731
     variants = {"A": mk([baseline()])}
     want_b, want_c = "B" in a.row_set, "C" in a.row_set
@@ -313,7 +314,7 @@ def previous_pass(model, prompt, layers) -> dict:
     layers = sorted(set(layers))
     T = prompt.last
     with model.hooks.suspended(), Capture(model, [RESID.format(l) for l in layers], at=T) as cap:
-        model.language_model.model.blocks(prompt.embeddings[None], n_layers=max(layers) + 1)
+        model.blocks(prompt.embeddings[None], n_layers=max(layers) + 1)
         out = {l: cap.resid(l, T).astype(mx.float32) for l in layers}
         mx.eval(out)
     return out
@@ -327,7 +328,7 @@ def bench_silence(a, model, processor, rows: Rows, read, control) -> dict:
     `Silence.residuals` on a prefix miss (the first item of a clip length: the prefix computed, rows
     before T into the cache only, T alone) and on a hit (every later item of that length: only
     the question's text after the audio)."""
-    n_layers = len(model.layers)
+    n_layers = model.n_layers
     union = sorted(set(read) | {l for l, _ in control})
     audio = clip(a.clip_seconds)
     plain = Answerer(model, processor, [baseline()], max_tokens=a.tokens)
@@ -378,8 +379,8 @@ def bench_silence(a, model, processor, rows: Rows, read, control) -> dict:
 # -- row D ----------------------------------------------------------------------------------------------
 
 def bench_heads(a, model, processor, rows: Rows) -> dict:
-    n_layers, N = len(model.layers), a.heads_tokens
-    n_heads = model.config.text_config.num_attention_heads
+    n_layers, N = model.n_layers, a.heads_tokens
+    n_heads = model.n_heads
     hs = HeadSet(random_heads(n_layers, n_heads, min(a.k, n_layers * n_heads), a.seed))
     prompt = prepare(model, processor, [clip(a.clip_seconds)], QUESTION)
     warm = prepare(model, processor, [clip(1.0)], QUESTION)
@@ -500,8 +501,9 @@ def main():
     audio_token = processor.audio_token_id
     if {"A", "B", "C", "S"} & a.row_set:
         model = build_model(a, a.layers, a.encoder_layers, audio_token)
-        heads = model.config.text_config.num_attention_heads
-        control = random_heads(a.layers, heads, min(a.k, a.layers * heads), a.seed + 1)  # sweep.py's first control
+        heads = model.n_heads
+        # a uniform draw spread over the decoder (what sweep.py drew before its layer-matched controls)
+        control = random_heads(a.layers, heads, min(a.k, a.layers * heads), a.seed + 1)
         if {"A", "B", "C"} & a.row_set:
             res["conditions"] = bench_conditions(a, model, processor, rows, read, control)
         if "S" in a.row_set:

@@ -8,6 +8,8 @@ items and by the answers each item gets in that stage.
 
     python benchmarks/bench_experiment.py                       # 4-layer tiny model, 28 items
     python benchmarks/bench_experiment.py --layers 8 --hidden 256 --max-tokens 32
+    python benchmarks/bench_experiment.py --per-kind 2          # 14 items, ~1 min (1 per kind is too few:
+                                                                # a fold's calibration gets one outcome)
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Phases, each in its own process, in this order, each bounded by its own cap and 
 
 1. build: a random bf16 checkpoint in the hub layout, shard by shard (`bench_convert.build_checkpoint`:
    16.8 GB in 4 shards at full size), then a 4-bit MLX copy (`mlx_listen_convert.convert.convert(...,
-   quantize=True)`); both timed. The tokenizer is byte-level (convert/tiny.py's) with Qwen2-Audio's
+   quantize=True)`); both timed. The tokenizer is byte-level (`mlx_listen_convert.reference.tiny`'s) with Qwen2-Audio's
    special-token ids (151643-151648) in a vocab padded with entries that encoding never produces,
    so prompts go through the real chat template and loader.
 2. mlx-bf16: ours vs `mlx_lm.models.qwen2.Model` holding the very same arrays: prefill tok/s on a
@@ -104,6 +104,21 @@ def parse_args(argv=None):
 
 
 # -- small helpers -----------------------------------------------------------------------------------
+def convert_package():
+    """Make `mlx_listen_convert` importable. pyproject installs it from the `convert/` folder; on the
+    GPU machine nothing is pip-installed (gpu.sh puts the repository root on PYTHONPATH, which gives
+    `mlx_listen` but not that name), so it is loaded from the folder under its installed name."""
+    import importlib.util
+
+    if "mlx_listen_convert" in sys.modules or importlib.util.find_spec("mlx_listen_convert") is not None:
+        return
+    spec = importlib.util.spec_from_file_location("mlx_listen_convert", ROOT / "convert" / "__init__.py",
+                                                  submodule_search_locations=[str(ROOT / "convert")])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mlx_listen_convert"] = module
+    spec.loader.exec_module(module)
+
+
 def write_json(path: Path, obj):
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -177,6 +192,7 @@ def prepare_side(dest: Path, config: dict) -> Path:
     from transformers import Qwen2Tokenizer
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+    convert_package()
     from mlx_listen_convert.reference.tiny import build_tiny
 
     first = check_specials(config)
@@ -261,6 +277,7 @@ def phase_build(a, ph: Phase):
         return
 
     def quantise():
+        convert_package()
         from mlx_listen_convert.convert import convert
 
         t = time.perf_counter()
@@ -293,7 +310,7 @@ def twin_of(model, quant: dict | None = None):
     from mlx.utils import tree_flatten
     from mlx_lm.models import qwen2
 
-    t = model.config.text_config
+    t = model.text_config  # the decoder's config (AudioLM interface)
     args = qwen2.ModelArgs(
         model_type="qwen2", hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
         intermediate_size=t.intermediate_size, num_attention_heads=t.num_attention_heads,
@@ -312,11 +329,9 @@ def lm_bytes(model) -> dict:
     it is read), and the KV cache per position (bf16 keys and values, every layer)."""
     from mlx.utils import tree_flatten
 
-    t = model.config.text_config
     flat = tree_flatten(model.language_model.parameters())
     weights = sum(v.nbytes for k, v in flat if "embed_tokens" not in k)
-    head_dim = t.hidden_size // t.num_attention_heads
-    kv = 2 * t.num_hidden_layers * t.num_key_value_heads * head_dim * 2
+    kv = 2 * model.n_layers * model.n_kv_heads * model.head_dim * 2
     return {"weights": weights, "embedding": sum(v.nbytes for k, v in flat if "embed_tokens" in k),
             "kv_per_position": kv}
 
@@ -370,8 +385,8 @@ def synthetic_prompt(model, n_audio: int, n_text: int, seconds: float):
     assert f.n_tokens == n_audio, (f.n_tokens, n_audio)
     feats = model.encode_audio(f.mel, f.n_frames)
     rng = np.random.default_rng(1)
-    text = rng.integers(0, min(151643, model.config.text_config.vocab_size - 1), n_text)  # below the specials
-    ids = np.concatenate([text[: n_text // 2], np.full(n_audio, model.config.audio_token_index), text[n_text // 2:]])
+    text = rng.integers(0, min(151643, model.vocab_size - 1), n_text)  # below the specials
+    ids = np.concatenate([text[: n_text // 2], np.full(n_audio, model.audio_token_id), text[n_text // 2:]])
     emb = model.embed(ids, [feats])
     mx.eval(emb)
     return ids, emb, f
@@ -532,8 +547,7 @@ def phase_mlx(a, ph: Phase, quant: bool):
         la, lb = model(None, input_embeddings=emb[None, :n]), twin(None, input_embeddings=emb[None, :n])
         d = {"ours_vs_mlx_lm_max_abs": mx.abs(la.astype(mx.float32) - lb.astype(mx.float32)).max().item()}
         if not quant:  # our logits at T of the whole 290-token prompt, for the torch phase
-            lm = model.language_model
-            last = lm.unembed(lm.model.blocks(emb[None])[:, -1:])[0, -1].astype(mx.float32)
+            last = model.unembed(model.blocks(emb[None])[:, -1:])[0, -1].astype(mx.float32)
             np.save(a.work / "logits-10.npy", np.array(last))
         return d
 
@@ -574,7 +588,7 @@ def phase_answerer(a, ph: Phase):
     t = time.perf_counter()
     model, processor = load(a.work / "hf-bf16")
     ph.res["load_s"] = time.perf_counter() - t
-    n_layers = len(model.layers)
+    n_layers = model.n_layers
     lstar = sorted({n_layers * 3 // 8, n_layers // 2})
     demo = make_demo_set(a.work / "demo", n_per_kind=max(1, -(-a.items // 7)))
     items = mmau.load_items(demo)[: a.items]

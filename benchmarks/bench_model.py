@@ -73,7 +73,7 @@ def build_model(a) -> Model:
 
 def mlx_lm_twin(model: Model) -> qwen2.Model:
     """mlx-lm's qwen2 holding the same arrays (shared, not copied); strict load checks the names."""
-    t = model.config.text_config
+    t = model.text_config  # the decoder's config (AudioLM interface)
     args = qwen2.ModelArgs(
         model_type="qwen2", hidden_size=t.hidden_size, num_hidden_layers=t.num_hidden_layers,
         intermediate_size=t.intermediate_size, num_attention_heads=t.num_attention_heads,
@@ -119,8 +119,8 @@ def audio_prompt(model: Model, n_text: int = 40):
     f = audio_features(clip(10.0))
     feats = model.encode_audio(f.mel, f.n_frames)
     rng = np.random.default_rng(1)
-    text = rng.integers(0, model.config.text_config.vocab_size - 1, n_text)
-    ids = np.concatenate([text[: n_text // 2], np.full(f.n_tokens, model.config.audio_token_index),
+    text = rng.integers(0, model.vocab_size - 1, n_text)
+    ids = np.concatenate([text[: n_text // 2], np.full(f.n_tokens, model.audio_token_id),
                           text[n_text // 2:]])
     emb = model.embed(ids, [feats])
     mx.eval(emb)

@@ -13,9 +13,9 @@ ratio is the median of per-trial ratios to the plain prefill timed in the same t
   side warm for the clip's length, as after a run's first item of that length);
 - ablation: zero-ablating `--k` heads, scored the same way (an ablated condition has its own
   prefill inside its hooks);
-- patching: `patching.patch_prompt` with the four options (every layer × position group and every
+- patching: `patch_map.patch_prompt` with the four options (every layer × position group and every
   head at T), and with `first_diff`;
-- lens: `lens.inspect_direction` of the head set on one item (its audio and silence passes to L*,
+- lens: `inspect.inspect_direction` of the head set on one item (its audio and silence passes to L*,
   then the three lenses); the item's own prepare (log-mel, encoder) is timed apart and taken off.
 
     python benchmarks/bench_tools.py                    # 2+2 layers, 2 trials (~15 min, 2-core CPU)
@@ -42,20 +42,16 @@ import soundfile as sf
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_conditions import Rows, build_model, clip, measure, tiny_processor  # noqa: E402
 
-from mlx_listen import (
-    presets,
-    scoring,  # noqa: E402
-)
+from mlx_listen import presets  # noqa: E402
 from mlx_listen.audio import SAMPLE_RATE  # noqa: E402
-from mlx_listen.eval.conditions import Answerer, baseline, steered  # noqa: E402
+from mlx_listen.eval.conditions import Answerer, ablated, baseline, steered  # noqa: E402
 from mlx_listen.generate import prefill  # noqa: E402
-from mlx_listen.headset import HeadSet
-from mlx_listen.interp.ablation import Ablation, condition  # noqa: E402
-from mlx_listen.interp.lens import inspect_direction  # noqa: E402
-from mlx_listen.interp.patching import patch_prompt  # noqa: E402
-from mlx_listen.interp.steering import from_heads  # noqa: E402
-from mlx_listen.method.heads import random_heads  # noqa: E402
-from mlx_listen.method.patch_map import PatchConfig
+from mlx_listen.headset import HeadSet, random_heads  # noqa: E402
+from mlx_listen.interp import scoring  # noqa: E402
+from mlx_listen.interp.ablation import Ablation  # noqa: E402
+from mlx_listen.method.directions import from_heads  # noqa: E402
+from mlx_listen.method.inspect import inspect_direction  # noqa: E402
+from mlx_listen.method.patch_map import PatchConfig, patch_prompt  # noqa: E402
 from mlx_listen.prompt import prepare  # noqa: E402
 
 CHOICES = ["a dog barking", "a cat meowing", "a car horn", "rain on a roof"]
@@ -85,7 +81,7 @@ def main():
         tmp = Path(tmp)
         processor = tiny_processor(a.vocab, tmp / "tok")
         model = build_model(a, a.layers, a.encoder_layers, processor.audio_token_id)
-        n_layers, n_heads = len(model.layers), model.config.text_config.num_attention_heads
+        n_layers, n_heads = model.n_layers, model.n_heads
         heads = HeadSet(random_heads(n_layers, n_heads, min(a.k, n_layers * n_heads), 0))
         audio = clip(a.clip_seconds)
         sf.write(tmp / ITEM["audio_id"], audio, SAMPLE_RATE)
@@ -100,17 +96,14 @@ def main():
         cfg = from_heads(heads, alpha=1.0)
         scorer = Answerer(model, processor, [baseline()])
         six = Answerer(model, processor, [baseline()] + [steered(replace(cfg, alpha=al), f"alpha={al:g}")
-                                                         for al in (0.5, 1, 2, 3, 4)])
-        six.silence = scorer.silence
-        for st in six.steerers.values():
-            st.silence = scorer.silence
-        ablated = Answerer(model, processor, [condition(Ablation(heads.heads, mode="zero"), "ablated")])
+                                                         for al in (0.5, 1, 2, 3, 4)], silence=scorer.silence)
+        ablating = Answerer(model, processor, [ablated(Ablation(heads.heads, mode="zero"), "ablated")])
         variants = {
             "plain prefill": lambda p, o: prefill(model, p),
             "capture: every head's audio mass at T": lambda p, o: prefill(model, p, audio_mass=True),
             "option scoring, 4 options": lambda p, o: scorer.respond(p, o, generate=False),
             "option scoring, 4 options x (baseline + 5 α)": lambda p, o: six.respond(p, o, generate=False),
-            f"ablation (zero, {len(heads.heads)} heads), 4 options": lambda p, o: ablated.respond(p, o, generate=False),
+            f"ablation (zero, {len(heads.heads)} heads), 4 options": lambda p, o: ablating.respond(p, o, generate=False),
             "patching, 4 options (layers x groups, heads at T)":
                 lambda p, o: patch_prompt(model, processor, p, choices=CHOICES, silence=scorer.silence),
             "patching, 4 options, first_diff":
