@@ -24,7 +24,8 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .chat import Processor, find_chat_template, messages_for
 from .errors import ListenError, ModelError
-from .models import DEFAULT_MODEL, AudioLM, classes, model_config
+from .models import DEFAULT_MODEL, classes, model_config
+from .models.base import AudioLM
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
 

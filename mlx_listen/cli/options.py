@@ -177,7 +177,7 @@ ABLATE_MODE_HELP = ("zero: set the heads' outputs to 0; mean: replace them by th
 ablate_options = options(
     click.option("--ablate", default=None, metavar="HEADS.json|L.H,...",
                  help="Ablate these heads (a HEADS.json, or heads written layer.head, comma-separated)."),
-    click.option("--ablate-mode", type=AblateMode(), default="zero", show_default=True, help=ABLATE_MODE_HELP),
+    click.option("--ablate-mode", type=AblateMode(), default=None, help=ABLATE_MODE_HELP + "  [default: zero]"),
     click.option("--ablate-audio", is_flag=True, hidden=True, help="The same as --ablate-mode audio."),
     click.option("--ablate-means", type=FILE, default=None, help="Mean head outputs (`mlx-listen ablate means`)."),
 )
@@ -186,13 +186,13 @@ ablate_options = options(
 def ablation(ablate, ablate_mode, ablate_audio, ablate_means):
     """The `Ablation` of the ablation options, or None."""
     if ablate is None:
-        if ablate_audio or ablate_means or ablate_mode != "zero":
+        if ablate_audio or ablate_means or ablate_mode is not None:
             raise click.UsageError("--ablate-mode/--ablate-means need --ablate HEADS")
         return None
     from mlx_listen.interp.ablation import from_options
 
     try:
-        return from_options(ablate, ablate_mode, ablate_audio, ablate_means)
+        return from_options(ablate, ablate_mode or "zero", ablate_audio, ablate_means)
     except ListenError as e:
         raise click.BadParameter(str(e), param_hint="--ablate") from None
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ListenError
-from ..stats import mcnemar_exact, wilson
+from ..stats.exact import mcnemar_exact, wilson
 
 TASKS = ("sound", "music", "speech")
 DIFFICULTIES = ("easy", "hard", "medium")  # the official script's order, not easy-medium-hard

@@ -1,11 +1,10 @@
 """Model families, one file per `model_type` (mlx-lm's `models/` convention), behind one interface
-(`base.AudioLM`). `classes(config)` picks the family from a `config.json` dict."""
+(`base.AudioLM`). `classes(config)` picks the family from a `config.json` dict. Importing this
+package loads no MLX: the CLI reads `DEFAULT_MODEL` from here and starts fast."""
 
 from __future__ import annotations
 
 import importlib
-
-from .base import AudioLM
 
 # model_type -> module; each module defines `Model` and `ModelConfig`.
 FAMILIES = {"qwen2_audio": "qwen2_audio"}
@@ -27,4 +26,4 @@ def model_config(config: dict):
     return classes(config)[1].from_dict(config)
 
 
-__all__ = ["AudioLM", "FAMILIES", "DEFAULT_MODEL", "classes", "model_config"]
+__all__ = ["FAMILIES", "DEFAULT_MODEL", "classes", "model_config"]

@@ -9,8 +9,6 @@ import numpy as np
 
 from ..errors import ListenError
 
-Z95 = 1.959963984540054  # the two-sided 95% normal quantile
-
 
 class _SciPy:
     """scipy.stats on first use: scoring a run (`eval score`) needs Wilson and McNemar, not scipy's

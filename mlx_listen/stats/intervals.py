@@ -3,13 +3,11 @@ accuracy and mean differences, AUC and two-group bootstrap intervals."""
 
 from __future__ import annotations
 
-import math
-from math import comb
-
 import numpy as np
 
 from ..errors import ListenError
-from ._common import Z95, _as_correct, _sps, _task_codes
+from ._common import _as_correct, _sps, _task_codes
+from .exact import Z95, mcnemar_exact, wilson
 
 # -- two-group comparisons (validation) ----------------------------------------------------------
 
@@ -99,28 +97,6 @@ def holm(pvals) -> list[float]:
     out = np.empty(m)
     out[order] = adj
     return out.tolist()
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Exact two-sided McNemar p: the binomial(b + c, 1/2) tail of the discordant pairs, doubled, in
-    exact integer arithmetic; 1 when b + c = 0."""
-    n = int(b) + int(c)
-    if n == 0:
-        return 1.0
-    tail = sum(comb(n, k) for k in range(min(int(b), int(c)) + 1))
-    return min(1.0, 2 * tail / 2**n)
-
-
-def wilson(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a proportion (95% by default); (0, 1) when there is no data, and
-    exactly 0 / 1 at 0/n and n/n."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return (0.0 if correct == 0 else max(0.0, centre - half)), (1.0 if correct == n else min(1.0, centre + half))
 
 
 def newcombe_paired_ci(n11: int, n12: int, n21: int, n22: int, level: float = 0.95) -> tuple[float, float]:
