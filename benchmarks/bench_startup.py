@@ -10,7 +10,7 @@ ratio to `python -c "import mlx.core, click, numpy"` timed in the same rounds:
 - `mlx-listen make-demo-set DIR` (a fresh folder each run)
 
 Then, once per command, which modules it imported (`sys.modules` at exit): none of the model code
-(`mlx_listen.models`, `mlx_listen.load`, `mlx_lm`, `transformers`, `torch`) may be among them.
+(`mlx_listen.models.base` (the registry `mlx_listen.models` alone loads no MLX), `mlx_listen.load`, `mlx_lm`, `transformers`, `torch`) may be among them.
 `--profile` adds `python -X importtime`'s heaviest imports per command.
 
     python benchmarks/bench_startup.py                 # 9 runs each (~15 s)
@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODEL_CODE = ("mlx_listen.models", "mlx_listen.load", "mlx_lm", "transformers", "torch")
+MODEL_CODE = ("mlx_listen.models.base", "mlx_listen.hooks", "mlx_listen.load", "mlx_lm", "transformers", "torch")
 HEAVY = ("mlx", "mlx.core", "numpy", "scipy", "matplotlib", "soundfile", "soxr", "huggingface_hub", "tqdm", "click")
 TASKS = ("sound", "music", "speech")
 DIFFICULTIES = ("easy", "medium", "hard")
