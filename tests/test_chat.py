@@ -1,9 +1,12 @@
-"""Prompt ids against transformers' Qwen2AudioProcessor for the same messages and clips."""
+"""The chat template (`mlx_listen.chat`): prompt ids against transformers' Qwen2AudioProcessor for the
+same messages and clips, the built-in template, and a template that cannot be rendered."""
 
 import shutil
 
 import pytest
-from support import tone
+from support import invoke, tone
+from support.checkpoints import model_copy
+from support.cli import MAXT, Q, user_error
 
 from mlx_listen.audio import audio_features
 from mlx_listen.chat import messages_for, render_default
@@ -25,6 +28,7 @@ CASES = [
 ]
 
 
+@pytest.mark.torch
 @pytest.mark.parametrize("secs,question,system", CASES)
 def test_ids_equal_hf_processor(tiny_gqa, secs, question, system):
     clips = [tone(s, seed=i) for i, s in enumerate(secs)]
@@ -33,6 +37,7 @@ def test_ids_equal_hf_processor(tiny_gqa, secs, question, system):
     assert ids == hf_ids(tiny_gqa, clips, question, system)
 
 
+@pytest.mark.torch
 def test_builtin_template_equals_processor_default(tiny_gqa, tmp_path):
     """Without a shipped template (the hub repos have none) the built-in rendering is used, and it
     equals the processor's default template, which the shipped one also is."""
@@ -61,3 +66,9 @@ def test_clip_count_mismatch_raises(tiny_gqa):
     _, processor = tiny_gqa.mlx
     with pytest.raises(ListenError, match="placeholders"):
         processor.encode(messages_for("q", 2), [5])
+
+
+def test_a_malformed_chat_template_is_a_user_error(M, files, tmp_path):
+    m = model_copy(M, tmp_path / "m")
+    (m / "chat_template.jinja").write_text("{% for message in %}{{ oops }")
+    user_error(invoke("ask", files["a"], Q, "--model", m, "-m", MAXT), "chat template")

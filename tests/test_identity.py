@@ -14,21 +14,23 @@ from mlx_listen.identity import check_binding, model_signature, same_model
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
+def demo_small(tmp_path_factory):
+    """A demo set of one item per kind (demo.json)."""
     root = tmp_path_factory.mktemp("demo")
     return make_demo_set(root, n_per_kind=1)
 
 
 @pytest.fixture(scope="module")
-def bound_heads(tiny_gqa, demo, tmp_path_factory):
+def bound_heads(tiny_gqa, demo_small, tmp_path_factory):
     model, _ = tiny_gqa.mlx
-    ids = [it["id"] for it in json.loads(demo.read_text())][:3]
+    ids = [it["id"] for it in json.loads(demo_small.read_text())][:3]
     path = tmp_path_factory.mktemp("h") / "HEADS.json"
     HeadSet([(0, 1), (1, 2)], meta={"prompt": "r1-aqa", "calibration_ids": ids,
                                     "model_signature": model_signature(model)}).save(path)
     return path, ids
 
 
+@pytest.mark.torch
 def test_same_model_survives_casts_and_refuses_others(tiny_gqa, tmp_path):
     from mlx_listen.load import load
     from mlx_listen_convert.convert import convert
@@ -60,9 +62,10 @@ def test_binding_rules(tiny_gqa, bound_heads):
     assert "no model signature" in check_binding({}, "old", model=model)[0]
 
 
-def test_eval_refuses_a_head_set_of_another_prompt_or_model(tiny_gqa, tiny, demo, bound_heads, tmp_path):
+@pytest.mark.slow
+def test_eval_refuses_a_head_set_of_another_prompt_or_model(tiny_gqa, tiny, demo_small, bound_heads, tmp_path):
     path, ids = bound_heads
-    args = ["eval", "--data", demo, "--audio-dir", demo.parent, "--steer", path, "-m", 2, "--limit", 4]
+    args = ["eval", "--data", demo_small, "--audio-dir", demo_small.parent, "--steer", path, "-m", 2, "--limit", 4]
     r = invoke(*args, "--model", tiny_gqa.mlx_path, "--out", tmp_path / "a", "--prompt", "mmau")
     assert r.exit_code == 1 and "found with the 'r1-aqa' prompt" in r.stderr and "Traceback" not in r.output
     assert not (tmp_path / "a" / "predictions.jsonl").exists()

@@ -96,6 +96,20 @@ def test_only_the_reference_side_imports_torch(banned):
             assert banned not in _roots(path), f"{name} imports {banned}"
 
 
+def test_runtime_never_imports_torch():
+    """The MLX runtime must run on a Mac without PyTorch (or transformers' torch side)."""
+    import ast
+
+    root = ROOT / "mlx_listen"
+    for f in root.rglob("*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for n in names:
+                assert n.split(".")[0] not in ("torch", "transformers"), f"{f.name} imports {n}"
+
+
+
 def test_the_runtime_never_imports_the_reference_side():
     graph = _graph()
     for name, deps in graph.items():
@@ -120,6 +134,7 @@ def test_modules_stay_short():
     assert not over, f"modules over ~400 lines: {over}"
 
 
+@pytest.mark.slow
 def test_convert_is_one_module_per_file():
     """From the repository root `convert/` is not importable under a second name."""
     r = subprocess.run([sys.executable, "-c", "import convert"], cwd=ROOT, capture_output=True, text=True)

@@ -1,4 +1,6 @@
-"""The reference round trip on tiny models: transformers writes a bundle, `mlx-listen parity` checks it."""
+"""The reference round trip on tiny models (`mlx_listen.parity`, `mlx_listen.bundle`): transformers
+writes a bundle, `mlx-listen parity` checks it, steering included; the weight fingerprint tells
+the same checkpoint (cast, quantised) from another."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from support import SR, tone
 from mlx_listen.bundle import QUANTITIES, load_bundle
 from mlx_listen.errors import ListenError
 from mlx_listen.parity import parity
+
+pytestmark = pytest.mark.torch  # every bundle here is recorded by the reference side
+Q = "Describe the audio."
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +66,7 @@ def test_fp32_parity_passes(tiny_gqa, bundle_fp32):
     assert all(r.note == "identical" for r in greedy)
 
 
+@pytest.mark.slow
 def test_audio_mass_and_listening_in_bundle(tiny_gqa, items, tmp_path):
     """With --heads the bundle records the listening score; parity checks it and the audio mass."""
     from mlx_listen_convert.reference.run import make_bundle, read_items
@@ -153,6 +159,24 @@ def test_unknown_future_quantities_are_ignored(tiny_gqa, bundle_fp32, tmp_path):
     assert report.ok and report.unchecked == ["some_future_quantity"]
 
 
+@pytest.mark.slow
+def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
+    """The reference run records the PyTorch steering; `parity` recomputes and checks it."""
+    from mlx_listen.parity import parity
+    from mlx_listen_convert.reference.run import make_bundle, read_items
+
+    sf.write(tmp_path / "a.wav", tone(2.2), SR)
+    (tmp_path / "items.json").write_text(json.dumps([{"audio": "a.wav", "question": Q}]))
+    path = make_bundle(str(tiny_gqa.hf_path), read_items(tmp_path / "items.json", None), tmp_path / "b",
+                       max_new_tokens=12, progress=False, heads=[(0, 1), (1, 2)],
+                       steering={"layers": [0, 1], "alpha": 2.0, "at": "all"})
+    report = parity(path, tiny_gqa.mlx_path, progress=False)
+    assert report.ok, report.table()
+    got = {r.quantity: r for r in report.rows}
+    assert got["steered_logits_last"].max_abs < 1e-4 and got["steer_direction"].max_abs < 1e-4
+    assert got["steered_greedy_tokens"].note == "identical"
+
+
 # -- identity: the weight fingerprint ------------------------------------------------------------
 
 
@@ -199,22 +223,27 @@ def realistic(items, tmp_path_factory):
 def test_fingerprint_separates_checkpoints_at_init_002(realistic):
     """Same weights converted, cast or quantised: every block within 0.15 relative error (measured
     <= 0.12 at 4 bits); unrelated weights: every block above 1.1 (measured >= 1.2). Limit 0.5."""
+    from mlx_listen.bundle import fingerprint_slices
     from mlx_listen.load import load_model
     from mlx_listen.parity import FINGERPRINT_MAX_REL, check_identity, fingerprint_errors
 
     bundle, same, other = realistic
     b = load_bundle(bundle)
+    # every block the fingerprint takes for this config (29 here; the count is the bundle's), none skipped
+    fingerprinted = set(fingerprint_slices(json.loads((bundle.parent / "a" / "config.json").read_text())))
+    assert set(b.manifest["model"]["fingerprint"]) == fingerprinted
+    n = len(fingerprinted)
     for name, path in same.items():
         model, config = load_model(path)
         errors, skipped = fingerprint_errors(b, model)
-        assert len(errors) == 29 and not skipped
+        assert set(errors) == fingerprinted and not skipped
         assert max(errors.values()) < {"fp32": 1e-6, "bf16": 0.005, "fp16": 0.001, "q8": 0.01, "q4": 0.15}[name], name
         check_identity(b, model, config)
     for name, path in other.items():
         model, config = load_model(path)
         errors, _ = fingerprint_errors(b, model)
         assert min(errors.values()) > 1.1 > FINGERPRINT_MAX_REL, name
-        with pytest.raises(ListenError, match="different weights: 29 of 29 fingerprinted tensors differ"):
+        with pytest.raises(ListenError, match=f"different weights: {n} of {n} fingerprinted tensors differ"):
             check_identity(b, model, config)
 
 

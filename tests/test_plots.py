@@ -215,6 +215,7 @@ def test_wrap():
     assert P.wrap("short", 200, 10) == "short"
 
 
+@pytest.mark.slow
 def test_no_pyplot_no_backend_switch(tmp_path):
     code = ("import sys, numpy as np, matplotlib\n"
             "matplotlib.use('svg')\n"  # the caller's backend (a notebook's, say) must stay as it is

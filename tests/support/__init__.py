@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+TESTS = Path(__file__).resolve().parents[1]  # tests/
+DATA = TESTS / "data"  # the committed test data (MMAU answer keys, CUDA reference bundles, the hub config)
 SR = 16000
 INIT = 0.1
 VARIANTS = {

@@ -1,5 +1,5 @@
-"""A simulated experiment backend with a known truth, for `tests/test_experiment.py` (and its
-SIGKILL subprocess). Items are synthetic MMAU rows; the "model" is a rule:
+"""A simulated experiment backend with a known truth, for `tests/method/test_method_experiment.py`
+(and its SIGKILL subprocess). Items are synthetic MMAU rows; the "model" is a rule:
 
 - every head's audio mass is noise, except in `planted` heads, where it is higher on the items the
   model gets right (signal), or tracks clip length only (confound: longer clips are also easier);

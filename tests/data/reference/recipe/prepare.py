@@ -1,5 +1,5 @@
 """Build what the CUDA reference run needs (run here, with the tests' torch): the two tiny
-checkpoints exactly as tests/conftest.py builds them, and the three clips of items.json.
+checkpoints exactly as the tests build them (tests/support/__init__.py), and the three clips of items.json.
 
     cd /tmp && python /path/to/repo/tests/data/reference/recipe/prepare.py /path/to/repo/.gpu
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 import soundfile as sf
 
 here = Path(__file__).resolve().parent
-sys.path.insert(0, str(here.parents[2]))  # tests/, for conftest's recipe
-from conftest import INIT, SR, VARIANTS, tone  # noqa: E402
+sys.path.insert(0, str(here.parents[2]))  # tests/, for the recipe in tests/support
+from support import INIT, SR, VARIANTS, tone  # noqa: E402
 
 from mlx_listen_convert.reference.tiny import build_tiny  # noqa: E402
 
