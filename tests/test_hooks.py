@@ -254,6 +254,7 @@ def test_positions_select_calls_not_counters(tiny_gqa):
     assert np.array_equal(every.audio_mass(T), only_t.audio_mass(T))
 
 
+@pytest.mark.slow
 def test_capture_during_decode_keeps_memory_flat(tiny_gqa):
     """Capture kept on over 200 decode steps: active memory within a few MB of capture off (the
     issue measured +858 MB at a 512-wide model when lazy captures pinned each step's key cache)."""

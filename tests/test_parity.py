@@ -16,7 +16,9 @@ from mlx_listen.bundle import QUANTITIES, load_bundle
 from mlx_listen.errors import ListenError
 from mlx_listen.parity import parity
 
-pytestmark = pytest.mark.torch  # every bundle here is recorded by the reference side
+# torch: every bundle here is recorded by the reference side; slow: the tests are quick, but the
+# bundles they share take transformers ~7 s of model passes to record before the first one runs
+pytestmark = [pytest.mark.torch, pytest.mark.slow]
 Q = "Describe the audio."
 
 
@@ -66,7 +68,6 @@ def test_fp32_parity_passes(tiny_gqa, bundle_fp32):
     assert all(r.note == "identical" for r in greedy)
 
 
-@pytest.mark.slow
 def test_audio_mass_and_listening_in_bundle(tiny_gqa, items, tmp_path):
     """With --heads the bundle records the listening score; parity checks it and the audio mass."""
     from mlx_listen_convert.reference.run import make_bundle, read_items
@@ -159,7 +160,6 @@ def test_unknown_future_quantities_are_ignored(tiny_gqa, bundle_fp32, tmp_path):
     assert report.ok and report.unchecked == ["some_future_quantity"]
 
 
-@pytest.mark.slow
 def test_steering_in_reference_bundle(tiny_gqa, tmp_path):
     """The reference run records the PyTorch steering; `parity` recomputes and checks it."""
     from mlx_listen.parity import parity

@@ -94,6 +94,7 @@ def test_two_clips_in_one_prompt(tiny):
     check_parity(tiny, "two", [tone(1.5, 330.0, 1), tone(3.2, 880.0, 2)], "Which clip is higher?")
 
 
+@pytest.mark.slow
 def test_greedy_tokens_match_hf_generate(tiny):
     clips = [tone(2.5)]
     ref = tiny.reference("greedy", clips, "Describe the audio.", max_new_tokens=32)
@@ -121,6 +122,7 @@ def test_stereo_44k_file(tiny_gqa, tmp_path):
     check_parity(tiny_gqa, "stereo", [audio])
 
 
+@pytest.mark.slow
 def test_bf16_drift_within_hf_own_drift(tiny, tmp_path):
     """bf16: the MLX model's error against HF fp32 is at most 2x HF bf16's own error against HF fp32."""
     from mlx_listen.load import load
