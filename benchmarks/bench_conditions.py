@@ -59,11 +59,11 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from mlx_listen.ask import ask
+from mlx_listen.answers import generate
+from mlx_listen.asking import ask
 from mlx_listen.audio import SAMPLE_RATE
 from mlx_listen.chat import Processor
 from mlx_listen.eval.conditions import Answerer, baseline, steered
-from mlx_listen.generate import generate
 from mlx_listen.headset import HeadSet, random_heads
 from mlx_listen.hooks import RESID, Capture
 from mlx_listen.interp.steering import Silence, SteerConfig

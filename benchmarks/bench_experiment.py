@@ -2,7 +2,7 @@
 
 A random model answers gibberish, so every item would be wrong and head scores undefined; this
 script counts an answer as right when its text and the key have lengths of the same parity (the
-rule `tests/test_experiment.py` uses), which follows both the item and what the model says. Only
+rule `tests/method/test_method_experiment.py` uses), which follows both the item and what the model says. Only
 the timings mean anything. Each stage's rows carry their seconds; the table divides them by the
 items and by the answers each item gets in that stage.
 

@@ -43,9 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_conditions import Rows, build_model, clip, measure, tiny_processor  # noqa: E402
 
 from mlx_listen import presets  # noqa: E402
+from mlx_listen.answers import prefill  # noqa: E402
 from mlx_listen.audio import SAMPLE_RATE  # noqa: E402
 from mlx_listen.eval.conditions import Answerer, ablated, baseline, steered  # noqa: E402
-from mlx_listen.generate import prefill  # noqa: E402
 from mlx_listen.headset import HeadSet, random_heads  # noqa: E402
 from mlx_listen.interp import scoring  # noqa: E402
 from mlx_listen.interp.ablation import Ablation  # noqa: E402

@@ -10,8 +10,8 @@ family behind one interface), `hooks.py` (the hook namespace and captures), `int
 __version__ = "0.1.0"
 
 _LAZY = {
-    "load": "load", "ModelRef": "load", "prepare": "prompt", "Prompt": "prompt", "generate": "generate",
-    "stream_generate": "generate", "Answer": "generate", "ask": "ask", "HeadSet": "headset",
+    "load": "load", "ModelRef": "load", "prepare": "prompt", "Prompt": "prompt", "generate": "answers",
+    "stream_generate": "answers", "Answer": "answers", "ask": "asking", "HeadSet": "headset",
     "run_with_cache": "hooks", "run_with_hooks": "hooks", "Capture": "hooks",
 }
 

@@ -20,11 +20,11 @@ import numpy as np
 from tqdm import tqdm
 
 from . import identity
+from .answers import generate
 from .audio import audio_features, load_audio
 from .bundle import QUANTITIES, Bundle, BundleError, config_hash, load_bundle, sketch
 from .chat import messages_for
 from .errors import ListenError
-from .generate import generate
 from .headset import listening
 from .hooks import run_with_cache
 from .interp.steering import SteerConfig, Steerer

@@ -1,4 +1,4 @@
-"""The listening score while answering (`mlx_listen.ask`): `ask(heads=...)`, `ask --listen` and the
+"""The listening score while answering (`mlx_listen.asking`): `ask(heads=...)`, `ask --listen` and the
 `attention` command agree, and with steering the score is the clip's, not the silence pass's."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ STEER_Q = "Describe the audio."
 
 def test_listening_of_a_steered_answer_is_the_clips(tiny_gqa):
     """`ask --listen --steer`: the listening score is the clip's, not the silence pass's."""
-    from mlx_listen.ask import ask
+    from mlx_listen.asking import ask
     from mlx_listen.headset import HeadSet
 
     model, processor = tiny_gqa.mlx

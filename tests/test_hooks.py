@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from support import tone
 
-from mlx_listen.generate import generate
+from mlx_listen.answers import generate
 from mlx_listen.hooks import (
     AUDIO_MASS,
     ENC_PATTERN,

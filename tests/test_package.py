@@ -16,8 +16,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {"mlx_listen": ROOT / "mlx_listen", "mlx_listen_convert": ROOT / "convert"}
 # Modules allowed past ~400 lines, and why (see the README's layout section).
 LONG = {
-    "mlx_listen.stats": "every statistic once, each a few lines; splitting would scatter the shared helpers",
-    "mlx_listen.audio": "the front end's file handling (damage, partial reads) and the log-mel, one concern",
     "mlx_listen.interp.patching": "one batched mechanism (runs, caches, patches) whose docstring is its cost model",
 }
 

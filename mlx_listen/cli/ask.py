@@ -74,7 +74,7 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
         raise click.UsageError("--png plots the listening score: give --heads HEADS.json")
     check_png(png, "--png")
     _question_is_a_clip(question)
-    from mlx_listen.ask import ask as run
+    from mlx_listen.asking import ask as run
     from mlx_listen.headset import HeadSet
     from mlx_listen.load import load
     from mlx_listen.method.directions import bindings

@@ -21,8 +21,8 @@ from typing import Callable, ContextManager, Sequence
 import mlx.core as mx
 import numpy as np
 
+from ..answers import Answer, Decoded, Prefill, decode, detokenize, prefill
 from ..errors import ListenError
-from ..generate import Answer, Decoded, Prefill, decode, detokenize, prefill
 from ..headset import control_sets, listening
 from ..interp.ablation import Ablation
 from ..interp.edit import Row

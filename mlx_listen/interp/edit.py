@@ -1,6 +1,6 @@
 """The steering edit, once: d(x) from the audio and silence residuals, and `h + delta` where it
 applies. Every path that steers uses these two: the hook of `steering.Steerer.applied`, the
-batched decode (`generate.decode`), option scoring (`scoring.score_options`) and the lens
+batched decode (`answers.decode`), option scoring (`scoring.score_options`) and the lens
 (`lens.exact_delta`)."""
 
 from __future__ import annotations

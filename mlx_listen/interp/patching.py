@@ -66,8 +66,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import make_prompt_cache
 
+from ..answers import PREFILL_STEP, Prefill, decode
 from ..errors import ListenError
-from ..generate import PREFILL_STEP, Prefill, decode
 from ..hooks import RESID, RESID_PRE, Capture, Z
 from ..kvcache import SharedPrefix
 from ..prompt import Prompt
@@ -298,7 +298,7 @@ class Patcher:
 
     def greedy(self, processor, max_tokens: int) -> tuple[list[int], list[int]]:
         """The first `max_tokens` greedy tokens of the audio run and of the silence run, from their
-        prefills (generate.decode); an answer that ends sooner keeps its end-of-answer token (the
+        prefills (answers.decode); an answer that ends sooner keeps its end-of-answer token (the
         tokenizer's eos), so a short answer is never a bare prefix of a longer one."""
 
         eos = getattr(processor.tokenizer, "eos_token_id", None)

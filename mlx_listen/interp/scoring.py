@@ -9,19 +9,19 @@ choice text itself for the `mmau` preset. `choice` (argmax) and `margin` (the co
 log-prob minus the best other's) turn these into an accuracy and a continuous, graded score.
 
 Sharing: the options differ only after T (the last prompt position), so the prompt runs through
-the decoder once (`generate.prefill`, whose cache holds every prompt position, T included), then
+the decoder once (`answers.prefill`, whose cache holds every prompt position, T included), then
 ONE batched forward of every option's tokens but its last, right-padded (causal attention: the
 padding never reaches a real position, and padded positions are never read). Token j of option
 i is predicted at T for j = 0 (the prefill's `final`) and at the option's own position T + j
 after that. The prompt's keys are shared by the batch, not copied into one cache row per option,
-and the prefill is left as it was (it can serve `generate.decode` as well). Only the positions
+and the prefill is left as it was (it can serve `answers.decode` as well). Only the positions
 that predict a continuation token are unembedded, in chunks of rows, so at most
 (rows x vocab) logits exist at once.
 
 Conditions that edit only the last block's output (the baseline, steering at any α, fixed
 vectors, random-head controls: `steering.Row(delta, every_step)`) change nothing upstream, so the
 same forward serves them all: a row's logits are unembed(h + delta), the delta at T and, with
-`every_step`, at every continuation position, the rule `generate.decode` follows, so a row's
+`every_step`, at every continuation position, the rule `answers.decode` follows, so a row's
 score is the probability of that answer under the same edit as the row's greedy answer. A
 condition that changes the forward pass itself (head ablation, patching: hooks over a whole
 answer) is scored by `score_prompt` inside its hooks, which then act on the prompt's own
@@ -42,8 +42,8 @@ import mlx.core as mx
 import numpy as np
 
 from .. import presets
+from ..answers import Prefill, prefill
 from ..errors import ListenError, ListenWarning
-from ..generate import Prefill, prefill
 from ..kvcache import SharedPrefix
 from ..prompt import Prompt
 from .edit import Row, add

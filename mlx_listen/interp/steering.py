@@ -7,12 +7,12 @@ audio-specialist heads. The model then answers with α·d(x) added to the last d
 output (before the final norm) at T and, by default, at every generated position. No weights
 change. Because the edit is on the last block's output, it changes only the logits of the step
 where it is applied; the KV cache is untouched, so the unsteered prefill serves every α
-(`generate.prefill` / `decode`), and `Steerer.applied` does the same through hooks for a single
+(`answers.prefill` / `decode`), and `Steerer.applied` does the same through hooks for a single
 answer.
 
 One definition of each part: `edit.direction` forms d(x), `Steerer.delta` the strength α(x)·d(x),
 `edit.add` the edit itself (`h + delta` where it applies); an `edit.Row` is an edit as data, which
-the batched decode (`generate.decode`), option scoring and the lens apply with `add`.
+the batched decode (`answers.decode`), option scoring and the lens apply with `add`.
 
 Cost: the silence pass runs only blocks 0..max(L*) and keeps no cache, and the silence clip's
 encoder output depends only on its length, so it is computed once per length. The audio pass
@@ -30,9 +30,9 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import KVCache
 
+from ..answers import generate
 from ..audio import HOP_LENGTH, audio_features
 from ..errors import ListenError
-from ..generate import generate
 from ..headset import check_heads, listening
 from ..hooks import AUDIO_MASS, RESID, Capture
 from ..kvcache import views
@@ -234,7 +234,7 @@ class Steerer:
             yield state
 
     def generate(self, processor, prompt: Prompt, **kw):
-        """`generate.generate` with the steering applied (alpha 0 adds exact zeros: unchanged output)."""
+        """`answers.generate` with the steering applied (alpha 0 adds exact zeros: unchanged output)."""
         with self.applied(prompt):
             return generate(self.model, processor, prompt, **kw)
 

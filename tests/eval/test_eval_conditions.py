@@ -10,8 +10,8 @@ import pytest
 from support import tone
 from support.heads import MAX_TOKENS
 
+from mlx_listen.answers import generate
 from mlx_listen.eval.conditions import Answerer, Condition, baseline, steered
-from mlx_listen.generate import generate
 from mlx_listen.hooks import AUDIO_MASS, PATTERN, run_with_cache
 from mlx_listen.interp.ablation import Ablation
 from mlx_listen.interp.steering import SteerConfig, Steerer
@@ -94,8 +94,8 @@ def test_ablated_condition_in_an_answerer(tiny_gqa):
 
 @pytest.mark.slow
 def test_mass_captured_during_generation_equals_prefill_capture(demo, tiny_gqa):
+    from mlx_listen.answers import generate
     from mlx_listen.audio import load_audio
-    from mlx_listen.generate import generate
     from mlx_listen.hooks import run_with_cache
     from mlx_listen.prompt import prepare
 

@@ -10,8 +10,8 @@ import pytest
 import soundfile as sf
 from support import SR, invoke, ok, tone
 
+from mlx_listen.answers import generate
 from mlx_listen.errors import ListenError
-from mlx_listen.generate import generate
 from mlx_listen.headset import parse_heads
 from mlx_listen.hooks import AUDIO_MASS, run_with_cache
 from mlx_listen.interp.ablation import Ablation, head_means, load_means, parse_mode, save_means

@@ -12,9 +12,9 @@ import pytest
 from support import DATA, tone
 
 from mlx_listen import presets
+from mlx_listen.answers import decode, generate, prefill
 from mlx_listen.chat import AUDIO, messages_for
 from mlx_listen.errors import ListenWarning
-from mlx_listen.generate import decode, generate, prefill
 from mlx_listen.interp import scoring
 from mlx_listen.interp.edit import Row
 from mlx_listen.interp.steering import Silence, SteerConfig, Steerer

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from support import tone
 
+from mlx_listen.answers import generate
 from mlx_listen.errors import ListenError
-from mlx_listen.generate import generate
 from mlx_listen.hooks import RESID, run_with_cache
 from mlx_listen.interp.steering import Silence, SteerConfig, Steerer
 from mlx_listen.prompt import prepare

@@ -56,8 +56,8 @@ def validate_args(demo, model, heads, out, *extra):
 
 @pytest.mark.slow
 def test_validate_heads_command(demo, tiny_gqa, heads_run, tmp_path, monkeypatch):
+    from mlx_listen.answers import generate
     from mlx_listen.audio import load_audio
-    from mlx_listen.generate import generate
     from mlx_listen.prompt import prepare
 
     root, _, items = demo

@@ -9,8 +9,8 @@ import pytest
 from support import SR, tone
 from support.checks import assert_close
 
+from mlx_listen.answers import generate
 from mlx_listen.audio import audio_features
-from mlx_listen.generate import generate
 from mlx_listen.hooks import RESID, Capture
 from mlx_listen.prompt import prepare
 

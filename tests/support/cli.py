@@ -85,8 +85,8 @@ def assert_user_error(result, *words):
 
 def api_answer(model_and_processor, clip_paths, question=Q, **kw):
     """`(prompt, answer)` of the Python API for the same clips and question as a command."""
+    from mlx_listen.answers import generate
     from mlx_listen.audio import load_audio
-    from mlx_listen.generate import generate
     from mlx_listen.prompt import prepare
 
     model, processor = model_and_processor

@@ -16,8 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .answers import Answer, generate
 from .errors import ListenError, ListenWarning
-from .generate import Answer, generate
 from .headset import listening
 from .hooks import AUDIO_MASS, Capture
 from .identity import check_binding
@@ -36,7 +36,7 @@ def ask(model, processor, clips: Sequence, question: str, *, system: str | None 
     `interp.ablation.Ablation`): answer with those heads ablated or masked off the audio.
     `bindings`: (label, metadata) of the head sets and vector files behind these options, and the
     head set itself: each is refused if it was found on another model (unless `force`; then a
-    ListenWarning says so). `gen`: sampling options of `generate.stream_generate` (greedy default)."""
+    ListenWarning says so). `gen`: sampling options of `answers.stream_generate` (greedy default)."""
     if steer is not None and ablate is not None:
         raise ListenError("steer or ablate, not both at once (the silence pass would not see the ablation)")
     if heads is not None:

@@ -1,6 +1,6 @@
 """`mlx-listen convert` (`cli/model.py`): a conversion that answers like the original, refusing to
 overwrite without `--force`, quantising with `-q`, and its usage errors. (The converter itself:
-tests/convert/.)"""
+tests/converter/.)"""
 
 from __future__ import annotations
 

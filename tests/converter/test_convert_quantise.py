@@ -17,8 +17,8 @@ from support import invoke, tone
 from support.checkpoints import last_logits, tensors
 from support.cli import user_error, warnings_of
 
+from mlx_listen.answers import generate
 from mlx_listen.errors import ModelError
-from mlx_listen.generate import generate
 from mlx_listen.load import load
 from mlx_listen.prompt import prepare
 from mlx_listen_convert.convert import convert
