@@ -13,7 +13,7 @@ import click
 
 from mlx_listen import __version__
 
-from .ask import ask, attention
+from .ask import ask, attention, view
 from .evaluate import evaluate, make_demo_set
 from .heads import heads, validate_heads
 from .model import convert, parity, version
@@ -29,7 +29,7 @@ def main():
     steer them to listen more."""
 
 
-for command in (ask, convert, parity, evaluate, make_demo_set, attention, heads, validate_heads, steer, patch,
+for command in (ask, convert, parity, evaluate, make_demo_set, attention, view, heads, validate_heads, steer, patch,
                 experiment, ablate, version):
     main.add_command(command)
 

@@ -1,4 +1,4 @@
-"""`mlx-listen ask` and `mlx-listen attention`: one question about audio clips."""
+"""`mlx-listen ask`, `attention` and `view`: one question about audio clips."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from .options import (
     FORCE,
     MAX_TOKENS,
     MODEL,
+    PROMPT,
     Finite,
     ablate_options,
     ablation,
@@ -155,3 +156,48 @@ def attention(clip, question, model, json_out, heads_path, png, system):
     out = attention_map(model, clip, question, system=system, heads=heads, json_out=json_out, png=png)
     click.echo(f"[INFO] audio mass of {out['layers']}x{out['heads']} heads written to {json_out}"
                + (f"; listening score {out['listening']:.4f}" if heads else ""), err=True)
+
+
+@click.command()
+@click.argument("clip", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("question")
+@MODEL
+@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="The HTML file to write (self-contained: open it anywhere, offline).")
+@click.option("--heads", "heads_path", type=FILE, default=None,
+              help="HEADS.json: listening per token, where each token looked, steered and ablated answers.")
+@click.option("--choice", "choices", multiple=True,
+              help="An answer option (repeat the option): each one's log-probability, per way of answering.")
+@PROMPT
+@click.option("--alpha", type=Finite(), default=1.0, show_default=True, help="Steering strength of the steered answer.")
+@MAX_TOKENS
+@click.option("--system", default=None, help="System prompt.")
+@FORCE
+def view(clip, question, model, out, heads_path, choices, prompt, alpha, max_tokens, system, force):
+    """Write one HTML page that shows whether the model listened to CLIP for QUESTION: the clip and
+    its log-mel, the answer coloured by the listening score, where each answer token looked in the
+    clip, every head's audio mass, and the answers with silence, steered and ablated.
+
+    \b
+    mlx-listen view clip.wav "What is making this sound?" --heads HEADS.json --out view.html
+    mlx-listen view clip.wav "What is it?" --choice dog --choice cat --out view.html
+    """
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise click.BadParameter(f"{out} must end in .html", param_hint="--out")
+    if not out.parent.is_dir():
+        raise click.BadParameter(f"the folder {out.parent} does not exist", param_hint="--out")
+    if choices and len(choices) < 2:
+        raise click.UsageError("give at least two --choice options (or none)")
+    _question_is_a_clip(question)
+    from mlx_listen.headset import HeadSet
+    from mlx_listen.load import ModelRef
+    from mlx_listen.method.directions import bindings
+    from mlx_listen.view import write
+    from mlx_listen.view.record import build
+
+    heads = HeadSet.load(heads_path) if heads_path else None
+    ref = ModelRef(model)
+    record = build(ref, clip, question, heads=heads, choices=list(choices) or None, preset=prompt, alpha=alpha,
+                   system=system, max_tokens=max_tokens, bindings=bindings(heads_path), force=force)
+    write(record, out)
+    click.echo(f"[INFO] wrote {out}", err=True)
