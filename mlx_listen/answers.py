@@ -49,9 +49,12 @@ def stream_generate(
     min_p: float = 0.0,
     repetition_penalty: float | None = None,
     seed: int | None = None,
+    start: int = 0,
     **kwargs,
 ) -> Iterator[GenerationResponse]:
-    """Yield mlx-lm `GenerationResponse`s; `temp=0` is greedy (argmax)."""
+    """Yield mlx-lm `GenerationResponse`s; `temp=0` is greedy (argmax). `start` > 0 with a
+    `prompt_cache` (mlx-lm's keyword) that holds the prompt's first `start` positions already:
+    only the rest is prefilled."""
     max_tokens = min(max_tokens, model.max_positions - len(prompt.ids))
     if seed is not None:
         mx.random.seed(seed)
@@ -62,11 +65,11 @@ def stream_generate(
     yield from mlx_lm_stream_generate(
         model,
         processor.tokenizer,
-        mx.array(prompt.ids),
+        mx.array(prompt.ids[start:]),
         max_tokens=max_tokens,
         sampler=sampler,
         logits_processors=processors,
-        input_embeddings=prompt.embeddings,
+        input_embeddings=prompt.embeddings[start:],
         **kwargs,
     )
 

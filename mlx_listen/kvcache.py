@@ -32,13 +32,15 @@ def keep_rows(cache: list, rows: mx.array):
         c.keys, c.values = c.keys[rows], c.values[rows]
 
 
-def views(cache: list, depth: int | None = None) -> list[KVCache]:
-    """Caches of the first `depth` layers reading `cache` up to its offset; `cache` is never written."""
+def views(cache: list, depth: int | None = None, upto: int | None = None) -> list[KVCache]:
+    """Caches of the first `depth` layers reading `cache` up to its offset (or `upto` positions);
+    `cache` is never written."""
     out = []
     for c in cache[:depth]:
         f = KVCache()
         if c.keys is not None:
-            f.keys, f.values, f.offset = c.keys[..., :c.offset, :], c.values[..., :c.offset, :], c.offset
+            n = c.offset if upto is None else min(upto, c.offset)
+            f.keys, f.values, f.offset = c.keys[..., :n, :], c.values[..., :n, :], n
         out.append(f)
     return out
 
