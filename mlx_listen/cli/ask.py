@@ -9,9 +9,11 @@ from pathlib import Path
 import click
 
 from mlx_listen.errors import ListenWarning
+from mlx_listen.models import DEFAULT_MODEL
 
 from .options import (
     AUDIO_SUFFIXES,
+    DIR,
     FILE,
     FORCE,
     MAX_TOKENS,
@@ -159,11 +161,14 @@ def attention(clip, question, model, json_out, heads_path, png, system):
 
 
 @click.command()
-@click.argument("clip", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.argument("question")
+@click.argument("args", nargs=-1, metavar="[CLIP QUESTION]")
 @MODEL
-@click.option("--out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The HTML file to write (self-contained: open it anywhere, offline).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="CLIP QUESTION: the HTML file to write (self-contained: open it anywhere, offline).")
+@click.option("--run", "run_dir", type=DIR, default=None,
+              help="An eval or experiment folder: RUN/views/index.html and one page per item (resumable).")
+@click.option("--audio-dir", type=DIR, default=None, help="With --run: the folder of the items' audio.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="With --run: only the first N items.")
 @click.option("--heads", "heads_path", type=FILE, default=None,
               help="HEADS.json: listening per token, where each token looked, steered and ablated answers.")
 @click.option("--choice", "choices", multiple=True,
@@ -173,15 +178,36 @@ def attention(clip, question, model, json_out, heads_path, png, system):
 @MAX_TOKENS
 @click.option("--system", default=None, help="System prompt.")
 @FORCE
-def view(clip, question, model, out, heads_path, choices, prompt, alpha, max_tokens, system, force):
-    """Write one HTML page that shows whether the model listened to CLIP for QUESTION: the clip and
+def view(args, model, out, run_dir, audio_dir, limit, heads_path, choices, prompt, alpha, max_tokens, system, force):
+    """Pages that show whether the model listened: for CLIP and QUESTION, one HTML file (the clip and
     its log-mel, the answer coloured by the listening score, where each answer token looked in the
-    clip, every head's audio mass, and the answers with silence, steered and ablated.
+    clip, every head's audio mass, the answers with silence, steered and ablated); for an eval or
+    experiment folder (--run), an index page linking one such page per item.
 
     \b
     mlx-listen view clip.wav "What is making this sound?" --heads HEADS.json --out view.html
     mlx-listen view clip.wav "What is it?" --choice dog --choice cat --out view.html
+    mlx-listen view --run runs/base --audio-dir MMAU --limit 50 --heads HEADS.json
     """
+    from mlx_listen.headset import HeadSet
+
+    heads = HeadSet.load(heads_path) if heads_path else None
+    if run_dir is not None:
+        if args or out is not None or choices:
+            raise click.UsageError("--run takes no CLIP QUESTION, --out or --choice (the run has them)")
+        if audio_dir is None:
+            raise click.UsageError("--run needs --audio-dir")
+        from mlx_listen.view.index import write_views
+
+        index = write_views(run_dir, audio_dir, heads=heads, model=None if model == DEFAULT_MODEL else model,
+                            limit=limit, max_tokens=max_tokens)
+        click.echo(f"[INFO] wrote {index}", err=True)
+        return
+    if len(args) != 2 or out is None:
+        raise click.UsageError("give CLIP QUESTION and --out, or --run RUN --audio-dir DIR")
+    clip, question = Path(args[0]), args[1]
+    if not clip.is_file():
+        raise click.BadParameter(f"{clip} is not a file", param_hint="CLIP")
     if out.suffix.lower() not in (".html", ".htm"):
         raise click.BadParameter(f"{out} must end in .html", param_hint="--out")
     if not out.parent.is_dir():
@@ -189,15 +215,12 @@ def view(clip, question, model, out, heads_path, choices, prompt, alpha, max_tok
     if choices and len(choices) < 2:
         raise click.UsageError("give at least two --choice options (or none)")
     _question_is_a_clip(question)
-    from mlx_listen.headset import HeadSet
     from mlx_listen.load import ModelRef
     from mlx_listen.method.directions import bindings
     from mlx_listen.view import write
     from mlx_listen.view.record import build
 
-    heads = HeadSet.load(heads_path) if heads_path else None
-    ref = ModelRef(model)
-    record = build(ref, clip, question, heads=heads, choices=list(choices) or None, preset=prompt, alpha=alpha,
-                   system=system, max_tokens=max_tokens, bindings=bindings(heads_path), force=force)
+    record = build(ModelRef(model), clip, question, heads=heads, choices=list(choices) or None, preset=prompt,
+                   alpha=alpha, system=system, max_tokens=max_tokens, bindings=bindings(heads_path), force=force)
     write(record, out)
     click.echo(f"[INFO] wrote {out}", err=True)

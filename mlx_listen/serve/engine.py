@@ -1,7 +1,7 @@
 """The server's model session: one model, one request at a time (the hook registry and MLX's
 stream are the model's, so requests take turns under one lock), answers streamed through mlx-lm's
 `stream_generate` with the listening score, steering or ablation acting through the hooks, and a
-prompt cache keyed by the audio's content.
+prompt cache keyed by the audio's content (and each distinct clip encoded once).
 
 Prompt cache: each finished request leaves its KV cache (prompt and answer) with a key per position:
 the token id for text, the clip's sha256 and index for an audio position. A later request reuses
@@ -91,6 +91,7 @@ class Engine:
         self.lock = threading.Lock()
         self.silence = Silence(self.model)
         self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._encoded: OrderedDict[str, tuple] = OrderedDict()  # clip sha256 -> (features, tower output, tokens)
         self._cache_entries, self._next = cache_entries, 0
         self.signature = model_signature(self.model)["config_hash"]
 
@@ -193,9 +194,12 @@ class Engine:
 
     def prompt(self, req: ChatRequest) -> tuple[Prompt, list]:
         """The messages rendered with the folder's chat template, each clip decoded (any container
-        libsndfile reads, any rate) and encoded; and the cache key of every position."""
-        feats = [audio_features(self.samples(clip, i), f"audio {i + 1}") for i, clip in enumerate(req.clips)]
+        libsndfile reads, any rate) and encoded (once per distinct clip content: a second question
+        about a clip reuses its encoding); and the cache key of every position."""
         digests = [hashlib.sha256(clip.data).hexdigest() for clip in req.clips]
+        todo = {d: (i, c) for i, (d, c) in enumerate(zip(digests, req.clips)) if d not in self._encoded}
+        fresh = {d: audio_features(self.samples(c, i), f"audio {i + 1}") for d, (i, c) in todo.items()}
+        feats = [fresh[d] if d in fresh else self._encoded[d][0] for d in digests]
         try:
             ids = self.processor.encode(req.messages, [f.n_tokens for f in feats])
         except ListenError as e:
@@ -205,17 +209,24 @@ class Engine:
                              "messages")
         with self.lock:
             tic = time.perf_counter()
-            enc, audio = zip(*[self.model.encode(f.mel, f.n_frames) for f in feats]) if feats else ((), ())
-            mx.eval(enc, audio)
+            for d, f in fresh.items():
+                enc, audio = self.model.encode(f.mel, f.n_frames)
+                mx.eval(enc, audio)
+                self._encoded[d] = (f, enc, audio)
             seconds = time.perf_counter() - tic
-            emb = self.model.embed(ids, list(audio))
+            for d in digests:
+                self._encoded.move_to_end(d)
+            pairs = [self._encoded[d] for d in digests]
+            while len(self._encoded) > 2 * self._cache_entries:
+                self._encoded.popitem(last=False)
+            emb = self.model.embed(ids, [a for _, _, a in pairs])
         positions = self.model.audio_positions(ids)
         keys, k = list(ids), 0
         for c, f in enumerate(feats):
             for j in range(f.n_tokens):
                 keys[int(positions[k])] = (digests[c], j)
                 k += 1
-        return Prompt(ids, emb, feats, positions, list(enc), list(audio), seconds), keys
+        return Prompt(ids, emb, feats, positions, [e for _, e, _ in pairs], [a for _, _, a in pairs], seconds), keys
 
     # -- the prompt cache ----------------------------------------------------------------------------
     def _reuse(self, keys: list) -> tuple[list, int]:

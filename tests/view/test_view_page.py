@@ -139,3 +139,30 @@ def test_view_command(M, clip, tmp_path):
     assert bad.exit_code == 2 and ".html" in bad.output
     one = invoke("view", clip, Q, "--model", M, "--out", out, "--choice", "dog")
     assert one.exit_code == 2 and "two --choice" in one.output
+
+
+def test_views_of_an_eval_run(M, demo_set, tmp_path):
+    """An eval folder gets views/index.html linking one page per item; a rerun keeps the pages."""
+    from support import invoke, ok
+
+    run = tmp_path / "run"
+    ok(invoke("eval", "--data", demo_set, "--audio-dir", demo_set.parent, "--model", M, "--out", run,
+              "--limit", 3, "-m", 4))
+    heads = tmp_path / "H.json"
+    HEADS.save(heads)
+    r = ok(invoke("view", "--run", run, "--audio-dir", demo_set.parent, "--heads", heads, "--limit", 2, "-m", 3))
+    index = run / "views" / "index.html"
+    assert str(index) in r.stderr
+    text = index.read_text()
+    pages = sorted((run / "views").glob("*.html"))
+    assert len(pages) == 3 and text.count("<tr>") == 1 + 2  # header + the first two items
+    for p in pages:
+        if p.name != "index.html":
+            assert f'href="{p.name}"' in text and "window.RECORD" in p.read_text()
+    before = {p: p.stat().st_mtime_ns for p in pages if p.name != "index.html"}
+    ok(invoke("view", "--run", run, "--audio-dir", demo_set.parent, "--heads", heads, "--limit", 2))
+    assert all(p.stat().st_mtime_ns == t for p, t in before.items())  # kept, not recomputed
+    bad = invoke("view", "--run", run)
+    assert bad.exit_code == 2 and "--audio-dir" in bad.output
+    nothing = invoke("view", "--run", tmp_path, "--audio-dir", demo_set.parent)
+    assert nothing.exit_code == 1 and "neither an eval run" in nothing.output
