@@ -244,3 +244,31 @@ def test_view_route_renders_the_page(server):
                           f"http://127.0.0.1:{port}/view"], input=req, capture_output=True, timeout=60)
     page = out.stdout.decode()
     assert page.startswith("<!doctype html>") and "window.RECORD" in page and "listening" in page
+
+
+def test_several_clips_system_and_history(client, tiny_gqa):
+    """Two clips in one message are placed as the chat template places them (the same answer as `ask`
+    with both clips); a system message and earlier turns count in the prompt."""
+    a, b = flac(1.0, 300.0), flac(1.5, 600.0)
+    two = [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(a).decode(), "format": "flac"}},
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(b).decode(), "format": "flac"}},
+        {"type": "text", "text": "Which clip is louder?"}]}]
+    r = client.chat.completions.create(model="tiny", messages=two, max_tokens=5)
+    model, processor = tiny_gqa.mlx
+    clips = [sf.read(io.BytesIO(x), dtype="float32")[0] for x in (a, b)]
+    want = ask(model, processor, clips, "Which clip is louder?", max_tokens=5)
+    assert r.choices[0].message.content == want.text and r.usage.prompt_tokens == want.prompt_tokens
+    history = [{"role": "system", "content": "Answer in one word."}, *two,
+               {"role": "assistant", "content": r.choices[0].message.content},
+               {"role": "user", "content": "Are you sure?"}]
+    r2 = client.chat.completions.create(model="tiny", messages=history, max_tokens=3)
+    rendered = processor.render([{"role": "system", "content": "Answer in one word."},
+                                 {"role": "user", "content": [{"type": "audio", "audio": "clip0"},
+                                                              {"type": "audio", "audio": "clip1"},
+                                                              {"type": "text", "text": "Which clip is louder?"}]},
+                                 {"role": "assistant", "content": r.choices[0].message.content},
+                                 {"role": "user", "content": "Are you sure?"}])
+    assert rendered.count("Audio 1:") == 1 and rendered.count("Audio 2:") == 1
+    n_text = len(processor.tokenizer.encode(rendered.replace("<|AUDIO|>", ""), add_special_tokens=True))
+    assert r2.usage.prompt_tokens == n_text + want.audio_tokens
