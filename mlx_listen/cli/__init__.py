@@ -14,6 +14,7 @@ import click
 from mlx_listen import __version__
 
 from .ask import ask, attention, view
+from .drift import quant_drift
 from .evaluate import evaluate, make_demo_set
 from .heads import heads, validate_heads
 from .model import convert, parity, version
@@ -31,7 +32,7 @@ def main():
 
 
 for command in (ask, convert, parity, evaluate, make_demo_set, attention, view, heads, validate_heads, steer, patch,
-                experiment, ablate, serve, version):
+                experiment, ablate, serve, quant_drift, version):
     main.add_command(command)
 
 if __name__ == "__main__":
