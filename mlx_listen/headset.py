@@ -44,15 +44,37 @@ def listening(mass, heads: Sequence[tuple[int, int]]):
 
 
 def control_sets(heads, n_layers: int, n_heads: int, n: int, seed: int) -> list[list[tuple[int, int]]]:
-    """`n` random head sets matched to `heads` (same heads per layer, in other layers; seeded,
-    distinct, prefix-stable). When no matched set exists (e.g. the heads span every layer), uniform
-    random sets of the same size, with a ListenWarning: those controls are weaker."""
+    """`n` random head sets matched to `heads` (same heads per layer, in other layers; distinct by
+    layer set, since steering reads only the layers; seeded, prefix-stable): the one policy of every
+    command (`stats.matched_random_sets`). When fewer than `n` distinct layer sets exist, all of them,
+    with a ListenWarning (the caller reports how many it got). When none exists (the heads span every
+    layer), uniform random sets of the same size on distinct layer sets, with a ListenWarning: those
+    controls are weaker."""
     try:
-        return stats.matched_random_sets(heads, n_layers, n_heads, n_sets=n, seed=seed)
+        sets = stats.matched_random_sets(heads, n_layers, n_heads, n_sets=n, seed=seed, allow_fewer=True)
     except ListenError as e:
         warnings.warn(f"no layer-matched random head sets ({e}); using uniform random sets of {len(heads)} heads",
                       ListenWarning, stacklevel=2)
-        return [random_heads(n_layers, n_heads, len(heads), seed + i) for i in range(n)]
+        return uniform_sets(heads, n_layers, n_heads, n, seed)
+    if len(sets) < n:
+        warnings.warn(f"only {len(sets)} distinct layer sets match the heads' layer profile; using all {len(sets)} "
+                      f"instead of {n} random sets", ListenWarning, stacklevel=2)
+    return sets
+
+
+def uniform_sets(heads, n_layers: int, n_heads: int, n: int, seed: int) -> list[list[tuple[int, int]]]:
+    """Up to `n` sets of len(heads) heads drawn uniformly, on distinct layer sets other than the heads'."""
+    own = frozenset(l for l, _ in heads)
+    out, seen = [], {own}
+    for i in range(50 * n + 100):
+        s = sorted(random_heads(n_layers, n_heads, len(heads), seed + i))
+        layers = frozenset(l for l, _ in s)
+        if layers not in seen:
+            seen.add(layers)
+            out.append(s)
+            if len(out) == n:
+                break
+    return out
 
 
 def random_heads(n_layers: int, n_heads: int, k: int, seed: int) -> list[tuple[int, int]]:
@@ -101,18 +123,37 @@ class HeadSet:
     def load(cls, path) -> "HeadSet":
         try:
             data = json.loads(Path(path).read_text())
-            heads = [(int(l), int(h)) for l, h in data["heads"]]
+            raw = data["heads"]
         except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
             raise ListenError(f"{path} is not a HEADS.json file ({type(e).__name__}: {e})") from None
-        if not heads:
-            raise ListenError(f"{path} selects no heads")
-        if any(l < 0 or h < 0 for l, h in heads):
+        if not isinstance(raw, list) or not raw:
+            raise ListenError(f"{path} selects no heads" if raw == [] else f"{path}: 'heads' must be a list of "
+                              "[layer, head] pairs")
+        if any(isinstance(x, (list, tuple)) and any(isinstance(v, int) and v < 0 for v in x) for x in raw):
             raise ListenError(f"{path} lists negative layer or head indices")
-        if len(set(heads)) != len(heads):
-            dup = sorted({h for h in heads if heads.count(h) > 1})
-            raise ListenError(f"{path} lists heads {dup} more than once")
+        try:  # the model's own range is checked on use
+            heads = check_heads(raw, 1 << 62, 1 << 62, "heads")
+        except ListenError as e:
+            raise ListenError(f"{path} is not a HEADS.json file ({e})") from None
+        _check_meta_types(path, data)
         scores = _read_scores(path, data.get("scores")) if "scores" in data else None
         return cls(heads, scores, {k: v for k, v in data.items() if k not in ("heads", "scores", "k")}, Path(path))
+
+
+_META_TYPES = {"model_signature": dict, "calibration_ids": list, "prompt": str, "listening_mean": (int, float),
+               "center": str}
+
+
+def _check_meta_types(path, data: dict):
+    """What other commands read from a HEADS.json must have its type (a damaged or hand-edited file
+    is one clear error, not a traceback later)."""
+    for key, typ in _META_TYPES.items():
+        if key in data and data[key] is not None and (not isinstance(data[key], typ) or isinstance(data[key], bool)):
+            raise ListenError(f"{path}: its {key!r} is damaged (a {type(data[key]).__name__}, not a "
+                              f"{typ.__name__ if isinstance(typ, type) else 'number'})")
+    ids = data.get("calibration_ids")
+    if isinstance(ids, list) and not all(isinstance(i, str) for i in ids):
+        raise ListenError(f"{path}: its 'calibration_ids' are damaged (not a list of item ids)")
 
 
 def _read_scores(path, raw) -> np.ndarray:

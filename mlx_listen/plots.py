@@ -159,9 +159,11 @@ def heatmap(values: np.ndarray, path: Path, title: str, label: str, marked: Sequ
     return _save(fig, path, dpi)
 
 
-def score_heatmap(scores: np.ndarray, heads, path: Path, dpi: int | None = None):
-    """The layers x heads head-score matrix (Pearson r, diverging at 0) with the selected heads outlined."""
-    return heatmap(scores, path, f"Head score: Pearson r(audio mass, correct); top {len(heads)} boxed", "r",
+def score_heatmap(scores: np.ndarray, heads, path: Path, dpi: int | None = None,
+                  score: str = "Pearson r(audio mass, correct)"):
+    """The layers x heads head-score matrix (diverging at 0) with the selected heads outlined; `score`
+    names what the cells are (the head set's own description of its score)."""
+    return heatmap(scores, path, f"Head score: {score}; top {len(heads)} boxed", "r",
                    marked=heads, cmap="RdBu_r", center=True, dpi=dpi)
 
 

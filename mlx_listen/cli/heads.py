@@ -16,8 +16,10 @@ from .options import FILE, FORCE, data_options
 @click.option("--k", default=20, show_default=True, type=click.IntRange(min=1), help="Heads to select.")
 @click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0),
               help="Seed of the permutation null, the bootstrap and the random-head control in the plots.")
-@click.option("--center", type=click.Choice(["none", "task"]), default="none", show_default=True,
-              help="Head scores: the paper's pooled Pearson r, or within task with clip length partialled out.")
+@click.option("--center", type=click.Choice(["task", "none"]), default="task", show_default=True,
+              help="Head scores: within task with the log clip length and log question length partialled out "
+              "(the default: heads that only track task, clip or question length get no credit), or the paper's "
+              "pooled Pearson r (none).")
 @click.option("--n-perm", type=click.IntRange(min=20), default=200, show_default=True,
               help="Permutations of the head-score null.")
 @click.option("--target", type=click.Choice(["correct", "margin"]), default="correct", show_default=True,
@@ -42,9 +44,13 @@ def heads(model, data, audio_dir, out, k, limit, seed, prompt, max_tokens, cente
     for (l, h), fr, q in zip(hs.heads, freq, null["rank_q95"]):
         click.echo(f"  {l:>3} {h:>3}  {hs.scores[l, h]:+.3f}  {fr:.2f}" + ("" if hs.scores[l, h] > q else
                                                                            "  (within the null's 95% at this rank)"))
+    click.echo(f"score: {hs.meta['score']}")
     click.echo(f"permutation null ({null['n_perm']} shuffles within task): {null['n_beating_null']} heads above the "
                f"family-wise 5% threshold r = {null['fwer_threshold']:.3f}; set p = {null['p_set']:.3g}; overlap with "
                f"center={hs.meta['other_center']['center']}: Jaccard {hs.meta['other_center']['jaccard']:.2f}")
+    stab = hs.meta["stability"]
+    click.echo(f"bootstrap stability (mean frequency in the top {k}): {stab['mean']:.2f}; with correctness shuffled "
+               f"(nothing to find): {stab['null_reference']['mean']:.2f}")
     if failed:
         click.echo(f"[WARNING] {len(failed)} items could not be used (see {out.stem}.items.jsonl), e.g. "
                    f"{failed[0]['id']}: {failed[0]['error']}", err=True)

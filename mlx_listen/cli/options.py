@@ -170,6 +170,25 @@ class AblateMode(click.ParamType):
         return value
 
 
+class AblateModes(click.ParamType):
+    """Comma-separated ablation modes (`zero,audio`), each as `AblateMode`, no repeats."""
+
+    name = "modes"
+
+    def __init__(self, mean: bool = False):
+        self.one = AblateMode(mean=mean)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        modes = [m.strip() for m in str(value).split(",") if m.strip()]
+        if not modes:
+            self.fail("give at least one mode, e.g. zero,audio", param, ctx)
+        if len(set(modes)) != len(modes):
+            self.fail(f"a mode is repeated: {value!r}", param, ctx)
+        return tuple(self.one.convert(m, param, ctx) for m in modes)
+
+
 ABLATE_MODE_HELP = ("zero: set the heads' outputs to 0; mean: replace them by their calibration mean (--ablate-means); "
                     "scale:F: multiply them by F; audio: keep them but stop them attending to the audio "
                     "(renormalised).")

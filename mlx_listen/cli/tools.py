@@ -14,7 +14,7 @@ from .options import (
     MODEL,
     PROMPT,
     TASKS,
-    AblateMode,
+    AblateModes,
     Finite,
     Group,
     NumberList,
@@ -86,40 +86,54 @@ def patch(args, model, data, audio_dir, limit, tasks, prompt, out, tokens, head_
               help="Experiment folder (resumable: rerun the same command to continue).")
 @TASKS
 @click.option("--folds", type=click.IntRange(min=2), default=2, show_default=True, help="Cross-fitting folds.")
+@click.option("--repeats", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Cross-fittings over fold seeds SEED..SEED+R-1; with 1 the intervals are conditional on one split.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
               help="Folds, random head sets, permutations and bootstraps.")
 @click.option("--k", type=click.IntRange(min=1), default=20, show_default=True, help="Specialist heads per fold.")
 @click.option("--alphas", type=NumberList(), default="0.5,1,1.5,2,3", show_default=True,
-              help="Steering strengths to choose from, per condition, on each fold's calibration items.")
-@click.option("--random-sets", type=click.IntRange(min=1), default=10, show_default=True,
-              help="Matched random head sets (19 or more can show p < 0.05).")
-@click.option("--center", type=click.Choice(["none", "task"]), default="none", show_default=True,
-              help="Head scores: the paper's pooled Pearson r, or within task with clip length partialled out.")
+              help="Steering strengths to choose from, per condition, on each fold's calibration items (0: the "
+              "baseline may be chosen).")
+@click.option("--tune", type=click.Choice(["margin", "accuracy"]), default="margin", show_default=True,
+              help="The one rule every condition's alpha is chosen by: the mean correct-option log-prob margin (one "
+              "prefill per item, no decoding) or greedy accuracy (every condition decoded at every alpha).")
+@click.option("--random-sets", type=click.IntRange(min=1), default=99, show_default=True,
+              help="Matched random head sets, distinct by layer set (fewer when fewer exist; 20 or more can show "
+              "p < 0.05).")
+@click.option("--random-direction/--no-random-direction", default=True, show_default=True,
+              help="Also steer with a random direction at the norm of each item's own direction.")
+@click.option("--center", type=click.Choice(["task", "none"]), default="task", show_default=True,
+              help="Head scores: within task with clip and question length partialled out, or the paper's pooled "
+              "Pearson r (none).")
 @click.option("--n-perm", type=click.IntRange(min=20), default=200, show_default=True,
               help="Permutations of the head-score null.")
 @click.option("--ablate/--no-ablate", "do_ablate", default=True, show_default=True,
               help="Also test specialist-head and random-head ablation.")
-@click.option("--ablate-mode", type=AblateMode(mean=False), default="zero", show_default=True,
-              help=ABLATE_MODE_HELP + " Not mean here: it would need a means file per fold.")
-@click.option("--ablate-sets", type=click.IntRange(min=0), default=None,
-              help="Random-head ablations [default: one per random set].")
-def experiment(model, data, audio_dir, limit, prompt, max_tokens, out, tasks, folds, seed, k, alphas, random_sets,
-               center, n_perm, do_ablate, ablate_mode, ablate_sets):
+@click.option("--ablate-mode", "ablate_modes", type=AblateModes(), default="zero,audio", show_default=True,
+              help="Comma-separated ablation modes, each: " + ABLATE_MODE_HELP + " Not mean here: it would need a "
+              "means file per fold.")
+@click.option("--ablate-sets", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Random-head ablations per mode (the first random sets; 20 or more can show p < 0.05).")
+def experiment(model, data, audio_dir, limit, prompt, max_tokens, out, tasks, folds, repeats, seed, k, alphas, tune,
+               random_sets, random_direction, center, n_perm, do_ablate, ablate_modes, ablate_sets):
     """The paper's protocol, cross-fitted: heads and alpha fitted on other folds, reported on held-out
-    items, against matched random head sets, the dataset-mean vector and head ablation.
+    items, against matched random head sets, a norm-matched random direction, the dataset-mean vector
+    and head ablation (zero and audio masking).
 
     \b
     mlx-listen experiment --data mmau-test-mini.json --audio-dir MMAU --out exp/qwen2-audio
-    Writes EXP/report.md (the verdict and its tables, with PNGs) and EXP/report.json.
+    Writes EXP/report.md (the verdict and its tables, with PNGs), EXP/report.json and
+    EXP/predictions/<condition>.json (what `mlx-listen eval score` reads).
     """
     from mlx_listen.method.experiment import Settings, run_experiment
 
-    settings = Settings(folds=folds, seed=seed, k=k, alphas=tuple(alphas), random_sets=random_sets, prompt=prompt,
-                        max_tokens=max_tokens, center=center, n_perm=n_perm, ablate=do_ablate, ablate_mode=ablate_mode,
+    settings = Settings(folds=folds, repeats=repeats, seed=seed, k=k, alphas=tuple(alphas), random_sets=random_sets,
+                        tune=tune, prompt=prompt, max_tokens=max_tokens, center=center, n_perm=n_perm,
+                        random_direction=random_direction, ablate=do_ablate, ablate_modes=ablate_modes,
                         ablate_sets=ablate_sets)
     report = run_experiment(settings, data, audio_dir, model, out, limit=limit, tasks=tasks)
     click.echo("\n".join(report["verdict"]))
-    click.echo(f"[INFO] wrote {out / 'report.md'} and {out / 'report.json'}", err=True)
+    click.echo(f"[INFO] wrote {out / 'report.md'}, {out / 'report.json'} and {out / 'predictions'}", err=True)
 
 
 @click.group(cls=Group)

@@ -9,6 +9,13 @@ that installs hooks for one whole answer, e.g. head ablation).
 edit is on the last block's output (the baseline, steering, random-head controls, vectors)
 shares one prefill, one silence pass (over the union of their layers) and one batched decode;
 the others each get their own prefill and decode with their hooks installed. Greedy decoding.
+
+A forward pass that is not finite is an error, never an answer or a score: a prefill whose last
+block output at T holds NaN or inf (every condition of that prefill), a steering edit whose
+`h + α·d(x)` is not finite (that row: e.g. α = 1e308), or option log-probs that are not finite
+give the condition's `Response.error` and no answer (`eval`, `heads`, `experiment` record the item
+as failed for that condition). Rows decode in batches of at most `max_batch` (each row holds its
+own copy of the prompt's KV cache while it decodes).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from ..answers import Answer, Decoded, Prefill, decode, detokenize, prefill
 from ..errors import ListenError
 from ..headset import control_sets, listening
 from ..interp.ablation import Ablation
-from ..interp.edit import Row
+from ..interp.edit import Row, add
 from ..interp.scoring import score_options
 from ..interp.steering import Silence, SteerConfig, Steerer
 from ..prompt import Prompt
@@ -89,17 +96,29 @@ class Response:
     answer: Answer | None = None  # None when only scoring
     logprobs: np.ndarray | None = None  # (n_options,) float64, when options were given
     timing: dict = field(default_factory=dict)  # seconds of the shared work (prefill, silence, decode, score, batch)
+    error: str | None = None  # why this condition has no answer (a forward pass that is not finite)
+
+
+NONFINITE_PREFILL = "the forward pass gave NaN or inf at the last prompt token"
+NONFINITE_EDIT = "the steering edit is not finite (h + alpha·d(x) overflows or holds NaN)"
+NONFINITE_SCORES = "the option log-probs are not finite (NaN or inf in the forward pass)"
+
+
+def _finite(x: mx.array, axis=None) -> mx.array:
+    return mx.isfinite(x.astype(mx.float32)).all(axis=axis)
 
 
 class Answerer:
     """Greedy answers to prompts under `conditions`, for one model (see the module docstring)."""
 
     def __init__(self, model, processor, conditions: Sequence[Condition], *, max_tokens: int = 256,
-                 listen_heads: Sequence[tuple[int, int]] = (), audio_mass: bool = False, silence: Silence | None = None):
+                 listen_heads: Sequence[tuple[int, int]] = (), audio_mass: bool = False, silence: Silence | None = None,
+                 max_batch: int = 32):
         names = [c.name for c in conditions]
         if len(set(names)) != len(names):
             raise ValueError(f"condition names must be distinct: {names}")
         self.model, self.processor, self.max_tokens = model, processor, max_tokens
+        self.max_batch = max(1, int(max_batch))
         self.conditions = list(conditions)
         self.listen_heads = list(listen_heads)
         self.audio_mass = audio_mass or bool(listen_heads)  # every head's audio mass at T, on each answer
@@ -133,7 +152,7 @@ class Answerer:
 
     def _respond_shared(self, prompt: Prompt, conds: list[Condition], options, generate: bool) -> dict[str, Response]:
         steer = [c.steer for c in conds if c.steer is not None]
-        per_input = sorted({l for s in steer if s.vector is None for l in s.layers})
+        per_input = sorted({l for s in steer if s.reads_input for l in s.layers})
         need_mass = self.audio_mass or any(s.strength == "listening" for s in steer)
         pre = prefill(self.model, prompt, layers=per_input, audio_mass=need_mass)
         silence, silence_s = None, 0.0
@@ -149,41 +168,70 @@ class Answerer:
                 delta = self.steerers[c.name].delta(pre.resid, silence, pre.final, pre.audio_mass)
                 rows.append(Row(delta, every_step=c.steer.at == "all"))
         mx.eval([r.delta for r in rows if r.delta is not None])
+        errors = self._row_errors(pre, rows)
+        good = [i for i, e in enumerate(errors) if e is None]
         logprobs, score_s, decoded, decode_s = None, 0.0, [None] * len(conds), 0.0
-        if options is not None:  # every condition's option log-probs from one batched forward
+        if options is not None and good:  # every condition's option log-probs from one batched forward
             tic = time.perf_counter()
-            logprobs = score_options(self.model, pre, options, rows)
+            lp = score_options(self.model, pre, options, [rows[i] for i in good])
             score_s = time.perf_counter() - tic
+            logprobs = [None] * len(conds)
+            for j, i in enumerate(good):
+                logprobs[i] = lp[j]
+                if not np.isfinite(lp[j]).all():
+                    errors[i] = NONFINITE_SCORES
         if generate:
             tic = time.perf_counter()
-            decoded = decode(self.model, self.processor, pre, rows, self.max_tokens, listen_heads=self.listen_heads)
+            todo = [i for i, e in enumerate(errors) if e is None]
+            for a in range(0, len(todo), self.max_batch):  # each row holds a copy of the cache: bounded batches
+                part = todo[a:a + self.max_batch]
+                for i, d in zip(part, decode(self.model, self.processor, pre, [rows[i] for i in part], self.max_tokens,
+                                             listen_heads=self.listen_heads)):
+                    decoded[i] = d
             decode_s = time.perf_counter() - tic
         timing = {"prefill": pre.seconds, "silence": silence_s, "decode": decode_s,
                   **({"score": score_s} if options is not None else {}), "batch": len(conds)}
-        return {c.name: Response(self._answer(prompt, pre, d, timing) if d is not None else None,
-                                 logprobs[i] if logprobs is not None else None, timing)
+        return {c.name: Response(self._answer(prompt, pre, d, timing) if d is not None and errors[i] is None else None,
+                                 logprobs[i] if logprobs is not None and errors[i] is None else None, timing, errors[i])
                 for i, (c, d) in enumerate(zip(conds, decoded))}
+
+    def _row_errors(self, pre: Prefill, rows: list[Row]) -> list[str | None]:
+        """Per row, why it cannot be answered: a prefill that is not finite at T, or an edit that is not."""
+        if not _finite(pre.final).item() or (pre.audio_mass is not None and not np.isfinite(pre.audio_mass).all()):
+            return [NONFINITE_PREFILL] * len(rows)
+        edited = [i for i, r in enumerate(rows) if r.delta is not None]
+        out: list[str | None] = [None] * len(rows)
+        if edited:
+            ok = _finite(mx.stack([add(pre.final, rows[i].delta) for i in edited]), axis=-1).tolist()
+            for i, fine in zip(edited, ok):
+                out[i] = None if fine else NONFINITE_EDIT
+        return out
 
     def _respond_own(self, prompt: Prompt, cond: Condition, options, generate: bool) -> Response:
         if cond.steer is not None:
             ctx = self.steerers[cond.name].applied(prompt)
         else:
             ctx = cond.intervene(self.model, prompt) if cond.intervene else nullcontext()
-        decoded, logprobs, score_s, decode_s = None, None, 0.0, 0.0
+        decoded, logprobs, score_s, decode_s, error = None, None, 0.0, 0.0, None
         with ctx:  # the condition's hooks act on the prefill, on the continuations and on the decode
             pre = prefill(self.model, prompt, audio_mass=self.audio_mass)
-            if options is not None:
+            if not _finite(pre.final).item() or (pre.audio_mass is not None and not np.isfinite(pre.audio_mass).all()):
+                error = NONFINITE_PREFILL
+            if options is not None and error is None:
                 tic = time.perf_counter()
                 logprobs = score_options(self.model, pre, options)[0]
                 score_s = time.perf_counter() - tic
-            if generate:
+                if not np.isfinite(logprobs).all():
+                    error, logprobs = NONFINITE_SCORES, None
+            if generate and error is None:
                 tic = time.perf_counter()
                 decoded = decode(self.model, self.processor, pre, [Row()], self.max_tokens,
                                  listen_heads=self.listen_heads)[0]
                 decode_s = time.perf_counter() - tic
         timing = {"prefill": pre.seconds, "silence": 0.0, "decode": decode_s,
                   **({"score": score_s} if options is not None else {}), "batch": 1}
-        return Response(self._answer(prompt, pre, decoded, timing) if decoded is not None else None, logprobs, timing)
+        return Response(self._answer(prompt, pre, decoded, timing) if decoded is not None else None, logprobs, timing,
+                        error)
 
     def _answer(self, prompt: Prompt, pre: Prefill, d: Decoded, timing: dict) -> Answer:
         n_gen = len(d.tokens) + (d.finish_reason == "stop")

@@ -31,7 +31,6 @@ import soundfile as sf
 from tqdm import tqdm
 
 from .. import __version__, presets
-from ..audio import audio_features, load_audio
 from ..errors import AudioWarning, ListenError, ListenWarning
 from ..identity import check_binding
 from ..interp import scoring
@@ -225,10 +224,10 @@ def _answer_items(spec: EvalSpec, ref: ModelRef, items: list[dict], rank: int, s
         try:
             with warnings.catch_warnings(record=True) as caught:  # kept per item, summed up at the end
                 warnings.simplefilter("always", AudioWarning)
-                audio = load_audio(spec.audio_dir / item["audio_id"])
+                audio = model.front_end.load(spec.audio_dir / item["audio_id"])
                 load_s = time.perf_counter() - tic
                 tic = time.perf_counter()
-                feats = audio_features(audio, item["audio_id"])
+                feats = model.front_end.features(audio, item["audio_id"])
             prompt = prepare(model, processor, [feats], presets.build_prompt(item, spec.prompt))
             options = (scoring.option_ids(processor, prompt, item["choices"], spec.prompt)
                        if spec.score != "generate" else None)
@@ -243,6 +242,9 @@ def _answer_items(spec: EvalSpec, ref: ModelRef, items: list[dict], rank: int, s
         responses = answer.respond(prompt, options, only=[c.name for c in conds], generate=spec.score != "logprob")
         for c in conds:
             r = responses[c.name]
+            if r.error is not None:  # a forward pass that is not finite: a failed row, never a score
+                stages[c.name].add({**failed_row(item, c, ListenError(r.error), prompt=spec.prompt, rank=rank), **facts})
+                continue
             if r.answer is not None:
                 row = prediction_row(item, r.answer, c, seconds, prompt=spec.prompt, rank=rank)
             else:

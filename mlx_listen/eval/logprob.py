@@ -27,6 +27,8 @@ def answer_index(item: dict) -> int:
 def row_fields(item: dict, logprobs) -> dict:
     """What a prediction row records of one item's option log-probs (n_options,)."""
     lp = np.asarray(logprobs, np.float64)
+    if not np.isfinite(lp).all():  # never a score: argmax would pick the first NaN option
+        raise ListenError("the option log-probs are not finite (NaN or inf in the forward pass)")
     correct = answer_index(item)
     best = choice(lp)
     return {"option_logprobs": [round(float(x), 6) for x in lp], "logprob_choice": best,

@@ -114,7 +114,8 @@ def score_options(model, pre: Prefill, options: Sequence[Sequence[int]], rows: S
     Hooks installed on the model act on the continuations' forward call (batch = the options).
 
     Returns (n_rows, n_options) float64: per option the sum of its tokens' log-probs (each the
-    float32 log-softmax of float32 logits). `per_token=True`: also (n_rows, n_options, longest)
+    float32 log-softmax of float32 logits); NaN where the forward pass was not finite (callers
+    turn that into an error, never a score). `per_token=True`: also (n_rows, n_options, longest)
     float32, NaN past each option's end."""
     rows = _rows_of(rows)
     n, C = len(options), len(rows)
@@ -154,7 +155,10 @@ def score_options(model, pre: Prefill, options: Sequence[Sequence[int]], rows: S
         lp[a:a + step] = np.array(got)
     tokens = np.full((C, n, Lmax), np.nan, np.float32)
     tokens[:, oi, pj] = lp.reshape(C, N)
-    sums = np.nansum(tokens.astype(np.float64), axis=-1)
+    # the sum over each option's own tokens only: a NaN there (a forward pass that is not finite) stays
+    # NaN, so no caller can read it as a log-prob of 0 (`np.nansum` made the first option win)
+    real = np.arange(Lmax)[None, None] < lengths[None, :, None]
+    sums = np.where(real, tokens.astype(np.float64), 0.0).sum(axis=-1)
     return (sums, tokens) if per_token else sums
 
 

@@ -31,7 +31,7 @@ import numpy as np
 from mlx_lm.models.cache import KVCache
 
 from ..answers import generate
-from ..audio import HOP_LENGTH, audio_features
+from ..audio import HOP_LENGTH
 from ..errors import ListenError
 from ..headset import check_heads, listening
 from ..hooks import AUDIO_MASS, RESID, Capture
@@ -58,11 +58,18 @@ class SteerConfig:
     listening_mean: float | None = None
     max_scale: float = 2.0
     vector: np.ndarray | None = field(default=None, repr=False)  # a fixed direction: no silence pass
+    match_norm: bool = False  # with `vector` and `layers`: the vector's direction at |d(x)| over `layers`, per input
+
+    @property
+    def reads_input(self) -> bool:
+        """Whether the edit needs this input's audio-silence contrast over `layers` (a silence pass)."""
+        return self.vector is None or self.match_norm
 
     def to_json(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k != "vector"}
         d["heads"] = [list(h) for h in self.heads]
-        d["direction"] = "fixed vector" if self.vector is not None else "per input (audio - silence)"
+        d["direction"] = ("fixed direction at the norm of the per-input audio - silence direction" if self.match_norm
+                          else "fixed vector" if self.vector is not None else "per input (audio - silence)")
         return d
 
     def validate(self, n_layers: int, hidden_size: int | None = None, n_heads: int | None = None):
@@ -80,6 +87,8 @@ class SteerConfig:
             raise ListenError(f"the steering strength must be a finite number, not {self.alpha}")
         if self.vector is None and not self.layers:
             raise ListenError("steering needs read layers (from HEADS.json) or a fixed vector")
+        if self.match_norm and (self.vector is None or not self.layers):
+            raise ListenError("a norm-matched direction needs a fixed vector and the layers whose |d(x)| it takes")
         if not -n_layers <= self.apply_layer < n_layers:
             raise ListenError(f"steering layer {self.apply_layer} does not exist in this {n_layers}-layer model")
         bad = [l for l in self.layers if not 0 <= l < n_layers]
@@ -87,7 +96,7 @@ class SteerConfig:
             raise ListenError(f"layers {bad} do not exist in this {n_layers}-layer model")
         if n_heads is not None and self.heads:
             check_heads(self.heads, n_layers, n_heads)
-        if self.vector is None and self.apply_layer % n_layers < max(self.layers):
+        if self.reads_input and self.apply_layer % n_layers < max(self.layers):
             raise ListenError(f"the steering layer ({self.apply_layer % n_layers}) comes before the deepest read layer "
                               f"({max(self.layers)}): d(x) is not known there yet")
         if self.strength == "listening" and (not self.heads or not self.listening_mean):
@@ -111,23 +120,27 @@ class Silence:
         self._prefixes: OrderedDict[tuple, list[KVCache]] = OrderedDict()
         self._prefix_size = prefix_size
 
-    def features(self, n_frames: int) -> mx.array:
-        """Projected audio tokens of digital silence with `n_frames` valid mel frames."""
-        if n_frames not in self._features:
-            f = audio_features(np.zeros(n_frames * HOP_LENGTH, np.float32), "silence")
-            if f.n_frames != n_frames:
-                raise ValueError(f"silence of {n_frames} frames came out with {f.n_frames}")  # a bug, not input
-            feats = self.model.encode_audio(f.mel, n_frames)
+    def features(self, clip) -> mx.array:
+        """Projected audio tokens of digital silence as long as `clip` (its `AudioFeatures`, or a number of
+        valid mel frames), through the model's own front end (same windows, same valid frames)."""
+        key = (clip, ()) if isinstance(clip, int) else (clip.n_frames, tuple(clip.windows))
+        if key not in self._features:
+            front = self.model.front_end
+            f = front.features(np.zeros(clip * HOP_LENGTH, np.float32), "silence") if isinstance(clip, int) \
+                else front.silence(clip)
+            if f.n_frames != key[0] or (key[1] and tuple(f.windows) != key[1]):
+                raise ValueError(f"silence of {key} frames came out with {f.n_frames}")  # a bug, not input
+            feats = self.model.encode_audio(f)
             mx.eval(feats)
-            self._features[n_frames] = feats
+            self._features[key] = feats
             if len(self._features) > self._cache_size:
                 self._features.popitem(last=False)
-        self._features.move_to_end(n_frames)
-        return self._features[n_frames]
+        self._features.move_to_end(key)
+        return self._features[key]
 
     def prompt(self, prompt: Prompt) -> Prompt:
         """The same prompt with equal-length digital silence in place of each clip."""
-        return with_audio(self.model, prompt, [self.features(c.n_frames) for c in prompt.clips])
+        return with_audio(self.model, prompt, [self.features(c) for c in prompt.clips])
 
     def residuals(self, prompt: Prompt, layers: Sequence[int]) -> dict[int, mx.array]:
         """h_l(silence)[T] for `layers`, through blocks 0..max(layers) only.
@@ -179,6 +192,9 @@ class Steerer:
         cfg = self.config
         if cfg.vector is not None:
             d = mx.array(np.asarray(cfg.vector, np.float32))
+            if cfg.match_norm:  # the fixed direction, as long as this input's own audio-silence direction
+                own = direction(resid, silence, cfg.layers)
+                d = d / mx.maximum(mx.linalg.norm(d), 1e-30) * mx.linalg.norm(own)
         else:
             d = direction(resid, silence, cfg.layers)
         if cfg.normalize != "none":
@@ -193,11 +209,16 @@ class Steerer:
         return alpha * d
 
     def direction(self, prompt: Prompt) -> mx.array:
-        """d(x) alone (float32, unscaled): blocks 0..max(L*) of the audio prompt and of the silence."""
-        if self.config.vector is not None:
-            return mx.array(np.asarray(self.config.vector, np.float32))
-        audio = read_residuals(self.model, prompt, self.config.layers)
-        d = direction(audio, self.silence_residuals(prompt), self.config.layers)
+        """d(x) alone (float32, unscaled): blocks 0..max(L*) of the audio prompt and of the silence (a
+        norm-matched vector: the vector's direction at that norm)."""
+        cfg = self.config
+        if not cfg.reads_input:
+            return mx.array(np.asarray(cfg.vector, np.float32))
+        audio = read_residuals(self.model, prompt, cfg.layers)
+        d = direction(audio, self.silence_residuals(prompt), cfg.layers)
+        if cfg.match_norm:
+            v = mx.array(np.asarray(cfg.vector, np.float32))
+            d = v / mx.maximum(mx.linalg.norm(v), 1e-30) * mx.linalg.norm(d)
         mx.eval(d)
         return d
 
@@ -210,8 +231,8 @@ class Steerer:
         cfg, model = self.config, self.model
         n_layers = model.n_layers
         T = prompt.last
-        silence = self.silence_residuals(prompt) if cfg.vector is None else None
-        layers = [] if cfg.vector is not None else sorted(set(cfg.layers))
+        silence = self.silence_residuals(prompt) if cfg.reads_input else None
+        layers = sorted(set(cfg.layers)) if cfg.reads_input else []
         names = [RESID.format(l) for l in layers]
         if cfg.strength == "listening":
             names += [AUDIO_MASS.format(l) for l in sorted({l for l, _ in cfg.heads})]

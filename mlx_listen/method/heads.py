@@ -4,8 +4,10 @@
   positions, at the last prompt position T (the one that predicts the first answer token).
 - Head score: Pearson r over a labelled calibration set between a[l][h](x) and the correctness
   c(x) of the unsteered greedy answer (official MMAU scoring); heads ranked by r, top K kept
-  (`--center task`: the partial r within task, clip length partialled out; `--target margin`:
-  the correct option's log-prob margin instead of correctness).
+  (`--center task`, the default: the partial r within task, with the log clip length and the log
+  question length (text tokens of the prompt) partialled out, so heads that only track the task,
+  the clip's length or the question's length get no credit; `--center none`: the paper's pooled
+  Pearson r; `--target margin`: the correct option's log-prob margin instead of correctness).
 - Listening score L(x): the mean of a[l][h](x) over the selected heads (`headset.listening`).
 
 One pass over the calibration items records, per item, its correctness and the whole
@@ -59,10 +61,13 @@ def calibrate(model, processor, items: Sequence[dict], audio_dir: Path, records:
                          presets.build_prompt(item, prompt_preset))
         options = scoring.option_ids(processor, prompt, item["choices"], prompt_preset) if margin else None
         r = answer.respond(prompt, options)["base"]  # the answer and the options' log-probs from one prefill
-        extracted, parsed = mmau.extract_answer(r.answer.text)
+        extracted, parsed = mmau.extract_answer(r.answer.text) if r.answer is not None else ("", False)
+        if r.error:  # a forward pass that is not finite gives no record, never a score
+            raise ListenError(r.error)
         row = {"answer": extracted, "parsed": parsed,
                "correct": mmau.string_match(item["answer"], extracted, item["choices"]),
-               "audio_tokens": prompt.n_audio_tokens, "seconds": round(time.perf_counter() - tic, 4),
+               "audio_tokens": prompt.n_audio_tokens, "text_tokens": text_tokens(prompt),
+               "seconds": round(time.perf_counter() - tic, 4),
                "audio_mass": np.round(r.answer.audio_mass.astype(np.float64), 7).tolist()}
         if r.logprobs is not None:
             row.update(row_fields(item, r.logprobs))
@@ -77,14 +82,48 @@ def usable(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 
 
 TARGETS = ("correct", "margin")
+CENTERS = ("task", "none")
+PARTIALLED_OUT = {"none": [], "task": ["task", "log clip length (audio tokens)",
+                                       "log question length (text tokens of the prompt)"]}
 
 
-def find_heads(rows: list[dict], k: int, meta: dict, *, center: str = "none", n_perm: int = 200, n_boot: int = 200,
+def text_tokens(prompt) -> int:
+    """The question's length as the model sees it: the prompt's tokens that are not audio placeholders
+    (the chat template, the question, the choices and the instruction)."""
+    return len(prompt.ids) - prompt.n_audio_tokens
+
+
+def covariates(rows: list[dict], center: str):
+    """What `center` partials out besides the task: (covariates (N, 2) or None, their description).
+    Records made before the question length was recorded are refused for "task" (no fallback: a
+    question length guessed from the item's text would not be the one the model saw)."""
+    if center not in CENTERS:
+        raise ListenError(f"center must be one of {', '.join(CENTERS)}, not {center!r}")
+    if center == "none":
+        return None, PARTIALLED_OUT["none"]
+    lacking = [r.get("id", "?") for r in rows if "text_tokens" not in r or "audio_tokens" not in r]
+    if lacking:
+        raise ListenError(f"{len(lacking)} calibration records have no question length (text_tokens; e.g. "
+                          f"{lacking[0]}): they were made by an older mlx-listen, and --center task partials the "
+                          "question length out; record them again (another --out) or use --center none")
+    return (stats.length_covariates([r["audio_tokens"] for r in rows], [r["text_tokens"] for r in rows]),
+            PARTIALLED_OUT["task"])
+
+
+def score_name(center: str, target: str = "correct") -> str:
+    """What a head's score is, in words (HEADS.json, the plots)."""
+    y = "the correct option's log-prob margin" if target == "margin" else "correct"
+    if center == "none":
+        return f"Pearson r(audio mass, {y})"
+    return f"partial r(audio mass, {y} | task, log clip length, log question length)"
+
+
+def find_heads(rows: list[dict], k: int, meta: dict, *, center: str = "task", n_perm: int = 200, n_boot: int = 200,
                seed: int = 0, target: str = "correct") -> HeadSet:
     """The top-k heads of the calibration records, with what a reader needs to trust them: a
-    permutation null for the top-k r (correctness shuffled within task), bootstrap stability, and
-    the overlap with the head set of the other centering (pooled Pearson vs within task with the
-    clip length partialled out)."""
+    permutation null for the top-k r (correctness shuffled within task), bootstrap stability with its
+    null reference (the same with correctness shuffled), and the overlap with the head set of the
+    other centering (within task with clip and question length partialled out vs pooled Pearson)."""
     rows, _ = usable(rows)
     if target not in TARGETS:
         raise ListenError(f"the head-score target must be one of {TARGETS}, not {target!r}")
@@ -100,9 +139,9 @@ def find_heads(rows: list[dict], k: int, meta: dict, *, center: str = "none", n_
     correct = np.array([r["correct"] for r in rows], bool)
     y = np.array([r["margin"] for r in rows], np.float64) if target == "margin" else correct
     tasks = [r["task"] for r in rows] if all("task" in r for r in rows) else None
-    cov = stats.length_covariate([r["audio_tokens"] for r in rows]) if all("audio_tokens" in r for r in rows) else None
     if center == "task" and tasks is None:
         raise ListenError("center 'task' needs each record's task")
+    cov, partialled = covariates(rows, center)
 
     def kw(c):
         return dict(center=c, tasks=tasks, covariates=cov if c == "task" else None)
@@ -115,19 +154,25 @@ def find_heads(rows: list[dict], k: int, meta: dict, *, center: str = "none", n_
                       f"{k} heads track correctness at all", ListenWarning, stacklevel=2)
     null = stats.permutation_null(mass, y, k=k, n_perm=n_perm, seed=seed, **kw(center))
     freq = stats.bootstrap_stability(mass, y, k=k, n_boot=n_boot, seed=seed, **kw(center))
+    null_freq = stats.null_stability(mass, y, k=k, n_boot=n_boot, seed=seed + 7, **kw(center))
     other = "task" if center == "none" else "none"
-    other_heads = stats.top_k(stats.head_scores(mass, y, **kw(other)), k).heads if tasks is not None else []
+    other_ok = tasks is not None and (other == "none" or all("text_tokens" in r for r in rows))
+    if other == "task" and other_ok:
+        cov, _ = covariates(rows, "task")
+    other_heads = stats.top_k(stats.head_scores(mass, y, **kw(other)), k).heads if other_ok else []
     listening_mean = float(np.mean([HeadSet(heads).listening(m) for m in mass]))  # L̄, for strength scaling
     return HeadSet(heads, scores, {
         **meta, "n_items": len(rows), "accuracy": float(correct.mean()), "listening_mean": listening_mean,
         "criterion": "correct-option log-prob margin" if target == "margin" else "correctness", "center": center,
-        "score": "Pearson r" if center == "none" else "partial r within task, log clip length partialled out",
+        "score": score_name(center, target), "partialled_out": partialled,
         "query": "last prompt token", "audio_span": "<|AUDIO|> positions", "mass": "sum",
         "calibration_ids": [r["id"] for r in rows if "id" in r],
         "null": {k_: v for k_, v in null.items() if k_ != "null_topk"},
-        "stability": {"frequency": [float(freq[l, h]) for l, h in heads], "n_boot": n_boot},
+        "stability": {"frequency": [float(freq[l, h]) for l, h in heads], "n_boot": n_boot,
+                      "mean": float(np.mean([freq[l, h] for l, h in heads])), "null_reference": null_freq},
         "other_center": {"center": other, "heads": [list(h) for h in other_heads],
-                         **stats.set_overlap(heads, other_heads)}})
+                         **stats.set_overlap(heads, other_heads),
+                         **({} if other_ok else {"note": "not computed: the records lack task or question length"})}})
 
 
 def write_side_files(headset: HeadSet, rows: list[dict], out: Path, seed: int):
@@ -143,7 +188,8 @@ def write_side_files(headset: HeadSet, rows: list[dict], out: Path, seed: int):
             lines.append(f"{l},{h},{s[l, h]:.6f},{int((l, h) in selected)},{m.mean():.6f},"
                          f"{m[correct].mean():.6f},{m[~correct].mean():.6f}")
     out.with_suffix(".csv").write_text("\n".join(lines) + "\n")
-    score_heatmap(s, headset.heads, out.with_name(out.stem + ".scores.png"))
+    score_heatmap(s, headset.heads, out.with_name(out.stem + ".scores.png"),
+                  score=(headset.meta or {}).get("score", "Pearson r(audio mass, correct)"))
     plot_listening_split(headset, mass, correct, ("correct", "wrong"), out.with_name(out.stem + ".listening.png"), seed)
 
 
@@ -175,7 +221,7 @@ def run_identity(ref: ModelRef, data: Path, prompt: str, max_tokens: int) -> dic
 
 
 def discover(model, data: Path, audio_dir: Path, out: Path, *, k: int = 20, limit: int | None = None,
-             seed: int = 0, prompt: str = presets.DEFAULT_PRESET, max_tokens: int = 256, center: str = "none",
+             seed: int = 0, prompt: str = presets.DEFAULT_PRESET, max_tokens: int = 256, center: str = "task",
              n_perm: int = 200, n_boot: int = 200, target: str = "correct",
              progress: bool = True) -> tuple[HeadSet, list[dict]]:
     """`mlx-listen heads`: the calibration pass (resumable, next to `out`), the top-k heads with

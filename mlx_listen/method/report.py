@@ -1,108 +1,287 @@
-"""The experiment's report: `report.json` (every number, machine-readable) and `report.md` with its
-PNGs, the verdict first. Built from the stages' records alone, so a rerun rebuilds it exactly."""
+"""The experiment's numbers: `report.json` (every number, machine-readable), built from the stages'
+records alone, so a rerun rebuilds it exactly. The verdict sentences are `verdict.py`, the markdown
+and the plots `report_md.py`.
+
+Endpoints, both on the held-out items, each condition against the baseline (paired):
+- accuracy (greedy answer, official string match): with one repeat, Tango's score interval and
+  the McNemar score test (one method: the interval excludes 0 exactly when p < 0.05); with R > 1
+  repeats, each item's result averaged over the repeats and a paired t interval and test;
+- the correct option's log-prob margin (declared primary graded endpoint: it does not depend on
+  the answer's format, so a steering that only makes answers parse cannot move it): the per-item
+  change with a paired t interval and test.
+Beside them: parse rates per condition, flips split by parse status, the specialist minus the mean
+of the random sets per item (paired), the power of the design (minimum detectable effects).
+"""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
 from .. import stats
 from ..eval import mmau
 from ..headset import listening
-from ..plots import curve_plot, hist_plot, rank_plot, roc_plot
-from ..records import write_atomic
-
-BASELINE, SPECIALIST, MEAN = "baseline", "specialist", "mean-vector"
-
-
-def random_name(i: int) -> str:
-    return f"random-{i + 1}"
+from .names import BASELINE, MEAN, RANDOM_DIRECTION, SPECIALIST, ablate_name, random_name
+from .validation import listening_validation, strata_of
+from .verdict import claims, verdict
 
 
-def tuned(name: str, alpha: float) -> str:
-    return f"{name}@{alpha:g}"
+def n_random_used(folds) -> int:
+    """Random sets every fold has (a fold with fewer distinct layer sets than asked has fewer)."""
+    return min(len(f.random_sets) for f, _ in folds)
 
 
-def condition_names(s) -> list[str]:
-    names = [BASELINE, SPECIALIST, MEAN] + [random_name(i) for i in range(s.random_sets)]
+def condition_names(s, folds) -> list[str]:
+    n = n_random_used(folds)
+    names = [BASELINE, SPECIALIST, MEAN] + ([RANDOM_DIRECTION] if s.random_direction else [])
+    names += [random_name(i) for i in range(n)]
     if s.ablate:
-        names += ["ablate-specialist"] + [f"ablate-{random_name(i)}" for i in range(s.n_ablate_random)]
+        for mode in s.ablate_modes:
+            names += [ablate_name(mode, SPECIALIST)] + [ablate_name(mode, random_name(i))
+                                                        for i in range(min(s.n_ablate_random, n))]
     return names
 
 
-def build_report(s, items: list[dict], base: dict, folds: list) -> dict:
-    """Everything report.md shows, machine-readable. Each item's result under each condition comes
-    from its own fold's test pass (the baseline from the base pass)."""
-    names = condition_names(s)
-    results: dict[str, dict[str, bool]] = {n: {} for n in names}
+def collect(s, items, base: dict, folds) -> tuple[dict, dict, list[str]]:
+    """results[name][id] = the item's outcomes under `name`, one per repeat (errors left out; an alpha
+    of 0 is the baseline's answer); the failed items; the tested ids in data order."""
+    names = condition_names(s, folds)
+    results: dict[str, dict[str, list]] = {n: {} for n in names}
     failed = {}
-    fold_of = {}
     for fold, test in folds:
         for i in fold.test_ids:
-            fold_of[i] = fold.index
-            row, b = test[i], base[i]
+            b, row = base[i], test[i]
             if "error" in b or "error" in row:
                 failed[i] = b.get("error") or row.get("error")
                 continue
-            results[BASELINE][i] = bool(b["correct"])
+            results[BASELINE].setdefault(i, []).append(b)
             for n in names[1:]:
-                results[n][i] = bool(row["results"][n]["correct"])
-    ids = [it["id"] for it in items if it["id"] in results[BASELINE]]
+                got = b if fold.alpha.get(n) == 0 else row["results"].get(n)
+                if got is not None and "error" not in got:
+                    results[n].setdefault(i, []).append(got)
+    ids = [it["id"] for it in items if it["id"] in results[BASELINE] and it["id"] not in failed]
+    return results, failed, ids
+
+
+def _mean(outs: list, key: str):
+    vals = [o.get(key) for o in outs if o.get(key) is not None]
+    return float(np.mean([float(v) for v in vals])) if vals else None
+
+
+def _per_item(results: dict, name: str, key: str, ids) -> dict[str, float]:
+    out = {}
+    for i in ids:
+        v = _mean(results[name].get(i, []), key)
+        if v is not None:
+            out[i] = v
+    return out
+
+
+def paired(base: dict, treat: dict, tasks: dict, repeats: int, min_group: int) -> dict | None:
+    """treat - base accuracy on the items both have: one repeat, Tango + McNemar score test per task
+    with Holm; more, the per-item mean over repeats with a paired t (per task too, Holm)."""
+    ids = [i for i in base if i in treat]
+    if not ids:
+        return None
+    b, t = np.array([base[i] for i in ids]), np.array([treat[i] for i in ids])
+    task = [tasks[i] for i in ids]
+    if repeats == 1:
+        return stats.paired_accuracy(b.astype(bool), t.astype(bool), tasks=task, min_group=min_group)
+    out = {"method": "per-item mean over repeats, paired t", **stats.paired_mean_diff(b, t, min_group=min_group),
+           "wrong_to_right": None, "right_to_wrong": None}
+    rows = []
+    for name in sorted(set(task)):
+        sel = np.array([x == name for x in task])
+        rows.append({"task": name, **stats.paired_mean_diff(b[sel], t[sel], min_group=min_group)})
+    ps = [r["p"] if r["p"] is not None else 1.0 for r in rows]
+    for r, adj in zip(rows, stats.holm(ps)):
+        r["p_holm"] = adj
+    out["per_task"] = rows
+    return out
+
+
+def margin_shift(base: dict, treat: dict, min_group: int) -> dict | None:
+    ids = [i for i in base if i in treat]
+    return stats.paired_mean_diff([base[i] for i in ids], [treat[i] for i in ids], min_group=min_group) if ids else None
+
+
+def parse_table(results: dict, name: str, ids) -> dict:
+    """Shares of answers with <answer> tags and of answers that pick exactly one option."""
+    outs = [o for i in ids for o in results[name].get(i, []) if "parsed" in o]
+    n = len(outs)
+    tags, option = sum(bool(o["parsed"]) for o in outs), sum(o.get("choice") is not None for o in outs)
+    return {"n": n, "tags": tags / n if n else None, "option": option / n if n else None,
+            "option_ci95": list(stats.wilson(option, n))}
+
+
+def flips_by_parse(results: dict, name: str, ids, tasks: dict, min_group: int) -> dict | None:
+    """Wrong->right and right->wrong flips against the baseline, split by whether the answers pick an
+    option; and the accuracy change among the items whose answers pick an option under both."""
+    pairs = [(b, t, i) for i in ids for b, t in zip(results[BASELINE].get(i, []), results[name].get(i, []))
+             if "correct" in t]
+    if not pairs:
+        return None
+    parsable = lambda o: o.get("choice") is not None  # noqa: E731
+    w2r = [(b, t) for b, t, _ in pairs if not b["correct"] and t["correct"]]
+    r2w = [(b, t) for b, t, _ in pairs if b["correct"] and not t["correct"]]
+    both = [(b, t) for b, t, _ in pairs if parsable(b) and parsable(t)]
+    out = {"n": len(pairs), "wrong_to_right": len(w2r), "right_to_wrong": len(r2w),
+           "wrong_to_right_from_unparsable": sum(not parsable(b) for b, _ in w2r),
+           "right_to_wrong_to_unparsable": sum(not parsable(t) for _, t in r2w),
+           "became_parsable": sum(not parsable(b) and parsable(t) for b, t, _ in pairs),
+           "became_unparsable": sum(parsable(b) and not parsable(t) for b, t, _ in pairs)}
+    out["parse_change"] = stats.paired_accuracy(np.array([parsable(b) for b, _, _ in pairs]),
+                                                np.array([parsable(t) for _, t, _ in pairs]), min_group=min_group)
+    out["among_parsable"] = (stats.paired_accuracy(np.array([b["correct"] for b, _ in both], bool),
+                                                   np.array([t["correct"] for _, t in both], bool),
+                                                   min_group=min_group) if both else None)
+    return out
+
+
+def build_report(s, items: list[dict], base: dict, folds: list) -> dict:
+    """Everything report.md shows, machine-readable."""
+    names = condition_names(s, folds)
+    results, failed, ids = collect(s, items, base, folds)
     tasks = {it["id"]: it["task"] for it in items}
-    base_ok = np.array([results[BASELINE][i] for i in ids], bool)
+    acc = {n: _per_item(results, n, "correct", ids) for n in names}
+    marg = {n: _per_item(results, n, "margin", ids) for n in names}
     conditions = {}
     for n in names:
-        ok = np.array([results[n][i] for i in ids], bool)
-        lo, hi = stats.wilson(int(ok.sum()), len(ok))
-        entry = {"n": len(ok), "correct": int(ok.sum()), "accuracy": float(ok.mean()) if len(ok) else None,
-                 "ci95": [lo, hi],
-                 "per_task": {t: _acc([results[n][i] for i in ids if tasks[i] == t]) for t in mmau.TASKS}}
-        if n != BASELINE and len(ok):
-            entry["vs_baseline"] = stats.paired_accuracy(base_ok, ok, tasks=[tasks[i] for i in ids],
-                                                         min_group=s.min_group)
+        vals = np.array(list(acc[n].values()))
+        entry = {"n": int(vals.size), "n_errors": len(ids) - int(vals.size),
+                 "accuracy": float(vals.mean()) if vals.size else None, "ci95": _acc_ci(vals, s.repeats),
+                 "margin_mean": float(np.mean(list(marg[n].values()))) if marg[n] else None,
+                 "parse": parse_table(results, n, ids),
+                 "per_task": {t: _task_acc(acc[n], tasks, t) for t in mmau.TASKS}}
+        if n != BASELINE:
+            entry["vs_baseline"] = paired(acc[BASELINE], acc[n], tasks, s.repeats, s.min_group)
+            entry["margin_vs_baseline"] = margin_shift(marg[BASELINE], marg[n], s.min_group)
+            entry["flips_by_parse"] = flips_by_parse(results, n, ids, tasks, s.min_group)
         conditions[n] = entry
-    gain = {n: conditions[n]["accuracy"] - conditions[BASELINE]["accuracy"] for n in names[1:] if ids}
-    randoms = [random_name(i) for i in range(s.random_sets)]
-    controls = {}
-    if ids:
-        controls["steering"] = stats.compare_to_controls(gain[SPECIALIST], [gain[r] for r in randoms])
-        if s.ablate and s.n_ablate_random:
-            drops = [-gain[f"ablate-{r}"] for r in randoms[: s.n_ablate_random]]
-            controls["ablation"] = stats.compare_to_controls(-gain["ablate-specialist"], drops)
+    n_rand = n_random_used(folds)
+    randoms = [random_name(i) for i in range(n_rand)]
     report = {
-        "settings": s.to_json(),
-        "n_items": len(items), "n_tested": len(ids), "failed": [{"id": i, "error": e} for i, e in failed.items()],
-        "folds": [_fold_json(fold) for fold, _ in folds],
-        "conditions": conditions,
-        "gains": gain,
-        "controls": controls,
+        "settings": s.to_json(), "n_items": len(items), "n_tested": len(ids),
+        "failed": [{"id": i, "error": e} for i, e in failed.items()],
+        "random_sets_used": n_rand, "random_sets_per_fold": [len(f.random_sets) for f, _ in folds],
+        "folds": [_fold_json(fold) for fold, _ in folds], "conditions": conditions,
+        "gains": {n: conditions[n]["accuracy"] - conditions[BASELINE]["accuracy"] for n in names[1:]
+                  if conditions[n]["accuracy"] is not None and ids},
+        "controls": _controls(s, names, randoms, acc, marg, conditions) if ids else {},
+        "heads_null": _null_summary(folds),
         "head_overlap_across_folds": _pairwise_jaccard([f.heads for f, _ in folds]),
-        "validation": _validation(s, items, base, [f for f, _ in folds]),
-        "coverage": {"every_item_tested_once": sorted(fold_of) == sorted(it["id"] for it in items),
-                     "calibration_test_disjoint": all(not set(f.calibration_ids) & set(f.test_ids) for f, _ in folds)},
+        "validation": _validation(s, items, base, [f for f, _ in folds], n_rand),
+        "power": _power(conditions.get(SPECIALIST, {}), ids, tasks, s),
+        "coverage": _coverage(items, folds, s.repeats),
     }
+    report["claims"] = claims(report)
     report["verdict"] = verdict(report)
     return report
 
 
-def _acc(vals) -> dict:
-    n, c = len(vals), int(sum(vals))
-    lo, hi = stats.wilson(c, n)
-    return {"n": n, "correct": c, "accuracy": c / n if n else None, "ci95": [lo, hi]}
+def _acc_ci(vals: np.ndarray, repeats: int):
+    if not vals.size:
+        return [0.0, 1.0]
+    if repeats == 1:
+        return list(stats.wilson(int(vals.sum()), int(vals.size)))
+    r = stats.paired_mean_diff(np.zeros(vals.size), vals, min_group=2)
+    return r["ci95"]
+
+
+def _task_acc(acc: dict, tasks: dict, t: str) -> dict:
+    vals = [v for i, v in acc.items() if tasks[i] == t]
+    n = len(vals)
+    return {"n": n, "accuracy": float(np.mean(vals)) if n else None}
+
+
+def _controls(s, names, randoms, acc, marg, conditions) -> dict:
+    """The specialist (steering; each ablation mode) against its matched random sets: the empirical p
+    of its gain among theirs, and the per-item specialist minus the mean of the random sets (paired)."""
+    def against(spec: str, rand: list[str], sign: float) -> dict:
+        rand = [r for r in rand if conditions[r]["accuracy"] is not None]
+        if not rand or conditions[spec]["accuracy"] is None:
+            return {}
+        base = conditions[BASELINE]["accuracy"]
+        gain = lambda n: sign * (conditions[n]["accuracy"] - base)  # noqa: E731
+        out = {"accuracy": stats.compare_to_controls(gain(spec), [gain(r) for r in rand])}
+        out["accuracy_vs_mean_random"] = _vs_mean(acc, spec, rand, s.min_group)
+        mshift = lambda n: conditions[n]["margin_vs_baseline"]  # noqa: E731
+        if mshift(spec) and mshift(spec)["difference"] is not None:
+            vals = [sign * mshift(r)["difference"] for r in rand if mshift(r) and mshift(r)["difference"] is not None]
+            if vals:
+                out["margin"] = stats.compare_to_controls(sign * mshift(spec)["difference"], vals)
+            out["margin_vs_mean_random"] = _vs_mean(marg, spec, rand, s.min_group)
+        out["n_random"] = len(rand)
+        return out
+
+    controls = {"steering": against(SPECIALIST, randoms, 1.0)}
+    if RANDOM_DIRECTION in names:
+        ids = [i for i in acc[SPECIALIST] if i in acc[RANDOM_DIRECTION]]
+        controls["random_direction"] = stats.paired_mean_diff([acc[RANDOM_DIRECTION][i] for i in ids],
+                                                              [acc[SPECIALIST][i] for i in ids], min_group=s.min_group)
+    if s.ablate:
+        for mode in s.ablate_modes:
+            rand = [ablate_name(mode, r) for r in randoms if ablate_name(mode, r) in names]
+            controls[f"ablation:{mode}"] = against(ablate_name(mode, SPECIALIST), rand, -1.0)
+    return controls
+
+
+def _vs_mean(values: dict, spec: str, rand: list[str], min_group: int) -> dict | None:
+    """Per item, `spec`'s value minus the mean of the random sets' (items every one of them has), paired."""
+    ids = list(values[spec])
+    M = np.array([[values[r].get(i, np.nan) for i in ids] for r in rand], np.float64)
+    keep = ~np.isnan(M).any(axis=0)
+    if not keep.any():
+        return None
+    return stats.paired_mean_diff(M[:, keep].mean(axis=0), np.array([values[spec][i] for i in ids])[keep],
+                                  min_group=min_group)
+
+
+def _power(spec: dict, ids, tasks: dict, s) -> dict:
+    """The smallest effects this design detects with 80% power (two-sided 5%), from the specialist's
+    own discordance (accuracy) and spread (margin): overall and for a task of average size."""
+    vb, mv = spec.get("vs_baseline"), spec.get("margin_vs_baseline")
+    n = len(ids)
+    out = {"n": n, "power": 0.8, "alpha": 0.05, "accuracy_mde": vb.get("mde80") if vb else None,
+           "margin_mde": mv.get("mde80") if mv else None}
+    if vb and n:
+        per = [r for r in vb.get("per_task", []) if r.get("mde80") is not None]
+        out["accuracy_mde_per_task"] = {r["task"]: r["mde80"] for r in per}
+        out["n_per_task"] = {r["task"]: r["n"] for r in per}
+        if vb.get("wrong_to_right") is not None:
+            out["discordant_share"] = (vb["wrong_to_right"] + vb["right_to_wrong"]) / n
+    return out
+
+
+def _null_summary(folds) -> dict:
+    """The folds' permutation-null claims combined (every fold of every repeat)."""
+    p_set = [f.null.get("p_set") for f, _ in folds]
+    return {"n_beating_null": [f.null.get("n_beating_null", 0) for f, _ in folds], "p_set": p_set,
+            "combined": stats.combine_fold_p(p_set),
+            "stability": [f.stability["mean"] for f, _ in folds],
+            "stability_null": [f.stability["null_reference"]["mean"] for f, _ in folds]}
+
+
+def _coverage(items, folds, repeats: int) -> dict:
+    per_repeat = {}
+    for f, _ in folds:
+        per_repeat.setdefault(f.repeat, []).extend(f.test_ids)
+    every = all(sorted(v) == sorted(it["id"] for it in items) for v in per_repeat.values())
+    return {"every_item_tested_once": every and len(per_repeat) == repeats, "repeats": repeats,
+            "calibration_test_disjoint": all(not set(f.calibration_ids) & set(f.test_ids) for f, _ in folds)}
 
 
 def _fold_json(fold) -> dict:
     return {
-        "index": fold.index, "calibration_ids": fold.calibration_ids, "test_ids": fold.test_ids,
+        "repeat": fold.repeat, "index": fold.index, "calibration_ids": fold.calibration_ids, "test_ids": fold.test_ids,
         "heads": [[int(l), int(h), round(float(fold.scores[l, h]), 6)] for l, h in fold.heads],
-        "layers": sorted({l for l, _ in fold.heads}),
+        "layers": fold.layers, "partialled_out": fold.partialled_out,
         "calibration_accuracy": fold.calibration_accuracy,
         "null": {k: v for k, v in (fold.null or {}).items() if k != "null_topk"},
         "stability": fold.stability, "other_center": fold.other_center,
         "random_sets": [[list(h) for h in rs] for rs in fold.random_sets],
         "alpha": fold.alpha, "tuning": fold.tuning,
-        "mean_vector_norm": float(np.linalg.norm(fold.mean_vector)) if hasattr(fold, "mean_vector") else None,
+        "mean_vector_norm": float(np.linalg.norm(fold.mean_vector)) if fold.mean_vector is not None else None,
+        "zero_directions": fold.zero_directions,
     }
 
 
@@ -111,155 +290,30 @@ def _pairwise_jaccard(sets) -> list[dict]:
             for a in range(len(sets)) for b in range(a + 1, len(sets))]
 
 
-def _validation(s, items, base: dict, folds: list) -> dict:
-    """Does the listening score of the fold's heads rise on its test items when the audio changes the
-    chosen option (audio vs silence)? Unparsable answers are their own category."""
-    groups = {"changed": [], "unchanged": [], "unparsable": []}
-    random_groups: list[dict] = [{"changed": [], "unchanged": []} for _ in range(s.random_sets)]
+def _validation(s, items, base: dict, folds: list, n_rand: int) -> dict:
+    """Listening validation of each fold's heads on its own test items (`validation.listening_validation`:
+    pooled and within strata of correctness x task, against the fold's matched random sets); with
+    repeats, each item's listening score is averaged over the repeats' head sets."""
+    L, R = {}, {}
     for fold in folds:
         for i in fold.test_ids:
-            b = base[i]
-            if "error" in b:
+            if "error" in base[i]:
                 continue
-            mass = np.asarray(b["audio_mass"])
-            L = listening(mass, fold.heads)
-            a, z = b["choice"], b["silence"]["choice"]
-            g = "unparsable" if a is None or z is None else ("changed" if a != z else "unchanged")
-            groups[g].append(L)
-            if g != "unparsable":
-                for r, rs in zip(random_groups, fold.random_sets):
-                    r[g].append(listening(mass, rs))
-    out = {k: len(v) for k, v in groups.items()}
-    out["auc"] = stats.auc_ci(groups["changed"], groups["unchanged"], seed=s.seed, min_group=s.min_group)
-    out["mean_diff"] = stats.mean_diff_ci(groups["changed"], groups["unchanged"], seed=s.seed, min_group=s.min_group)
-    rand = [stats.auc(r["changed"], r["unchanged"]) if r["changed"] and r["unchanged"] else None for r in random_groups]
-    out["random_auc"] = rand
-    ok = [x for x in rand if x is not None]
-    if out["auc"]["auc"] is not None and ok:
-        out["auc_vs_random"] = stats.compare_to_controls(out["auc"]["auc"], ok)
-    out["scores"] = {k: v for k, v in groups.items()}
-    out["definition"] = ("changed: the option the official matcher reads differs between the audio and the silence "
-                         "answer; unparsable: either answer picks no option (left out of the AUC)")
-    return out
-
-
-def verdict(r: dict) -> list[str]:
-    """Plain sentences a reader can check against the tables."""
-    lines = []
-    c, g = r["conditions"], r["gains"]
-    if not r["n_tested"]:
-        return ["No item could be tested."]
-    spec = c[SPECIALIST]["vs_baseline"]
-    ci = spec["ci95"]
-    lines.append(f"Specialist steering changed accuracy by {100 * g[SPECIALIST]:+.1f} points (95% CI "
-                 + (f"{100 * ci[0]:+.1f} to {100 * ci[1]:+.1f}" if ci else "n/a: too few items")
-                 + f", McNemar p = {spec['mcnemar_p']:.3g}) on {r['n_tested']} held-out items.")
-    ctl = r["controls"].get("steering")
-    if ctl:
-        beats = ctl["empirical_p"] <= 0.05
-        lines.append(f"Matched random head sets gained {100 * ctl['mean']:+.1f} points on average (range "
-                     f"{100 * ctl['min']:+.1f} to {100 * ctl['max']:+.1f}); the specialist gain's empirical p among "
-                     f"them is {ctl['empirical_p']:.3g} (smallest possible {ctl['min_possible_p']:.3g}): "
-                     + ("the specialist heads beat the random sets." if beats else
-                        "the specialist gain is not distinguishable from the random sets."))
-    lines.append(f"The dataset-mean vector changed accuracy by {100 * g[MEAN]:+.1f} points.")
-    null = [f["null"] for f in r["folds"]]
-    beating = [n.get("n_beating_null", 0) for n in null]
-    lines.append("Heads above the permutation null's family-wise 5% threshold, per fold: "
-                 + ", ".join(str(b) for b in beating)
-                 + (" — no head beats the null." if not any(beating) else "."))
-    ab = r["controls"].get("ablation")
-    if ab:
-        lines.append(f"Ablating the specialist heads lowered accuracy by {100 * ab['specialist']:+.1f} points; matched "
-                     f"random ablations by {100 * ab['mean']:+.1f} on average (empirical p {ab['empirical_p']:.3g}).")
-    v = r["validation"]
-    auc = v["auc"]
-    if auc["auc"] is None or auc["too_small"]:
-        lines.append(f"Listening validation: too few items ({v['changed']} changed, {v['unchanged']} unchanged, "
-                     f"{v['unparsable']} unparsable) for an interval.")
-    else:
-        lines.append(f"Listening validation: AUC {auc['auc']:.3f} (95% CI {auc['ci95'][0]:.3f} to "
-                     f"{auc['ci95'][1]:.3f}) for items whose option changed with silence ({v['changed']}) against "
-                     f"unchanged ones ({v['unchanged']}); {v['unparsable']} unparsable left out.")
-    return lines
-
-
-def write_report_md(r: dict, out: Path):
-    """report.md with its PNGs: the verdict first, then the tables behind it."""
-    s = r["settings"]
-    md = ["# Experiment report\n", f"{r['n_tested']} of {r['n_items']} items tested, {s['folds']} folds (seed "
-          f"{s['seed']}), k = {s['k']}, center = {s['center']}, alphas {s['alphas']}, {s['random_sets']} matched "
-          f"random head sets, prompt {s['prompt']}, greedy, max {s['max_tokens']} tokens.\n", "## Verdict\n"]
-    md += [f"- {line}" for line in r["verdict"]]
-    md += ["", "## Accuracy on the held-out items\n",
-           "| condition | n | accuracy | 95% CI | vs baseline | 95% CI | McNemar p | sound | music | speech |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, c in r["conditions"].items():
-        vb = c.get("vs_baseline")
-        d = f"{100 * vb['difference']:+.1f}" if vb else ""
-        ci = (f"{100 * vb['ci95'][0]:+.1f} to {100 * vb['ci95'][1]:+.1f}" if vb and vb["ci95"] else ("" if not vb else "n/a"))
-        p = f"{vb['mcnemar_p']:.3g}" if vb else ""
-        tasks = " | ".join(f"{100 * c['per_task'][t]['accuracy']:.1f}" if c["per_task"][t]["accuracy"] is not None else "-"
-                           for t in mmau.TASKS)
-        acc = "-" if c["accuracy"] is None else f"{100 * c['accuracy']:.1f}"
-        md.append(f"| {name} | {c['n']} | {acc} | {100 * c['ci95'][0]:.1f}–{100 * c['ci95'][1]:.1f} | {d} | {ci} | {p} "
-                  f"| {tasks} |")
-    spec = r["conditions"][SPECIALIST].get("vs_baseline", {})
-    if spec.get("per_task"):
-        md += ["", "Specialist vs baseline per task (Holm-adjusted McNemar p): "
-               + ", ".join(f"{t['task']} {100 * t['difference']:+.1f} (p {t['p_holm']:.3g})" for t in spec["per_task"])]
-    md += ["", "## Folds\n", "| fold | calibration | test | heads (layer.head, r) | layers | beat null | p (set) | "
-           "stability (mean) | overlap with center=" + ("task" if s["center"] == "none" else "none") + " | alpha |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for f in r["folds"]:
-        heads = ", ".join(f"{l}.{h} ({sc:+.2f})" for l, h, sc in f["heads"][:8]) + (" …" if len(f["heads"]) > 8 else "")
-        stab = np.mean(f["stability"]["frequency"]) if f["stability"]["frequency"] else float("nan")
-        alphas = ", ".join(f"{k} {v:g}" for k, v in f["alpha"].items() if not k.startswith("random-")) \
-            + f", random sets {sorted({v for k, v in f['alpha'].items() if k.startswith('random-')})}"
-        md.append(f"| {f['index']} | {len(f['calibration_ids'])} | {len(f['test_ids'])} | {heads} | {f['layers']} | "
-                  f"{f['null'].get('n_beating_null')} (r > {f['null'].get('fwer_threshold', float('nan')):.3f}) | "
-                  f"{f['null'].get('p_set', float('nan')):.3g} | {stab:.2f} | {f['other_center']['jaccard']:.2f} | {alphas} |")
-    md += ["", "Head sets across folds (Jaccard): " + ", ".join(f"{o['folds']}: {o['jaccard']:.2f}"
-                                                                 for o in r["head_overlap_across_folds"])]
-    # plots
-    pngs = []
-    for f in r["folds"]:
-        series, bands = {}, {}
-        for name in (SPECIALIST, MEAN):
-            curve = f["tuning"][name]["curve"]
-            series[name] = [curve[f"{a:g}"]["accuracy"] for a in s["alphas"]]
-            bands[name] = ([curve[f"{a:g}"]["ci95"][0] for a in s["alphas"]], [curve[f"{a:g}"]["ci95"][1] for a in s["alphas"]])
-        rnd = [[f["tuning"][k]["curve"][f"{a:g}"]["accuracy"] for a in s["alphas"]] for k in f["tuning"] if k.startswith("random-")]
-        if rnd:
-            series["random sets (mean)"] = list(np.mean(np.array(rnd, float), axis=0))
-        base = f["tuning"][SPECIALIST]["baseline"]
-        if base is not None:
-            series["baseline"] = [base] * len(s["alphas"])
-        path = out / f"alpha_fold{f['index']}.png"
-        curve_plot(s["alphas"], series, path, "alpha", "calibration accuracy",
-                   f"Fold {f['index']}: accuracy vs steering strength on its calibration items", bands=bands)
-        pngs.append(path.name)
-        n = f["null"]
-        if n.get("observed_r"):
-            path = out / f"heads_fold{f['index']}.png"
-            rank_plot(n["observed_r"], {"null median": n["rank_q50"], "null 95%": n["rank_q95"]}, path,
-                      f"Fold {f['index']}: top-{s['k']} head scores against the permutation null")
-            pngs.append(path.name)
-    ctl = r["controls"].get("steering")
-    if ctl:
-        path = out / "random_gains.png"
-        hist_plot(ctl["values"], path, "test gain over baseline (accuracy)", "Matched random head sets vs specialist",
-                  marker=ctl["specialist"], marker_label="specialist")
-        pngs.append(path.name)
-    v = r["validation"]
-    if v["scores"]["changed"] and v["scores"]["unchanged"]:
-        path = out / "listening_roc.png"
-        roc_plot({"specialist heads": (v["scores"]["changed"], v["scores"]["unchanged"])}, path,
-                 "Listening score: option changed with silence vs unchanged")
-        pngs.append(path.name)
-    md += ["", "## Plots\n"] + [f"![{p}]({p})" for p in pngs]
-    if r["failed"]:
-        md += ["", f"## Failed items ({len(r['failed'])})\n"] + [f"- {f['id']}: {f['error']}" for f in r["failed"][:50]]
-    md += ["", "Coverage: every item tested exactly once: " + str(r["coverage"]["every_item_tested_once"])
-           + "; calibration and test disjoint in every fold: " + str(r["coverage"]["calibration_test_disjoint"]) + "."]
-    write_atomic(out / "report.md", "\n".join(md) + "\n")
+            mass = np.asarray(base[i]["audio_mass"])
+            L.setdefault(i, []).append(listening(mass, fold.heads))
+            R.setdefault(i, []).append([listening(mass, rs) for rs in fold.random_sets[:n_rand]])
+    ids = [it["id"] for it in items if it["id"] in L]
+    if not ids:
+        return {"n": 0, "verdict": "Listening validation: no item to validate on."}
+    rows = [base[i] for i in ids]
+    cat = []
+    for b in rows:
+        a, z = b["choice"], b["silence"]["choice"]
+        cat.append("unparsable" if a is None or z is None else ("changed" if a != z else "unchanged"))
+    rand = [np.array([np.mean([r[j] for r in R[i]]) for i in ids]) for j in range(n_rand)]
+    rep = listening_validation(np.array([np.mean(L[i]) for i in ids]), np.array(cat), strata_of(rows), rand,
+                               seed=s.seed, min_group=s.min_group)
+    rep["n"] = len(ids)
+    rep["scores"] = {g: [float(np.mean(L[i])) for i, c in zip(ids, cat) if c == g]
+                     for g in ("changed", "unchanged", "unparsable")}
+    return rep

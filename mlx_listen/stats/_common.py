@@ -76,6 +76,19 @@ def length_covariate(audio_tokens) -> np.ndarray:
     return np.log(n)
 
 
+def length_covariates(audio_tokens, text_tokens) -> np.ndarray:
+    """(N, 2): log clip length (audio tokens) and log question length (text tokens of the prompt):
+    what `center="task"` partials out besides the task, so heads that only track how long the clip
+    or the question is (both can predict correctness) get no credit."""
+    t = np.asarray(text_tokens, np.float64)
+    if t.ndim != 1 or not np.isfinite(t).all() or (t <= 0).any():
+        raise ListenError("text_tokens must be one positive count per item")
+    a = length_covariate(audio_tokens)
+    if a.size != t.size:
+        raise ListenError(f"{a.size} clip lengths for {t.size} question lengths")
+    return np.column_stack([a, np.log(t)])
+
+
 def _design(n: int, center: str, tasks, covariates) -> np.ndarray:
     """Columns whose span is removed before correlating: intercept or task dummies, covariates."""
     if center not in CENTERS:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import itertools
+from collections import Counter
 from math import comb
 
 import numpy as np
@@ -12,13 +13,22 @@ from ._common import _TIE
 
 # -- matched random-head controls ---------------------------------------------------------------
 
+def _is_index(v) -> bool:
+    """An integer (Python or numpy), not a bool or a float: `[1.5, 2]` is no head, not head (1, 2)."""
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
 def check_heads(heads, n_layers: int, n_heads: int, what: str = "heads", allow_empty: bool = False) -> list:
     """`heads` as (layer, head) int pairs; refuses a malformed, empty (unless `allow_empty`) or
     repeated list and heads a model of `n_layers` x `n_heads` does not have. The one head check."""
     try:
-        hs = [(int(l), int(h)) for l, h in heads]
-    except (TypeError, ValueError):
+        pairs = [tuple(x) for x in heads]
+    except TypeError:
         raise ListenError(f"{what} must be (layer, head) pairs") from None
+    if any(len(x) != 2 or not all(_is_index(v) for v in x) for x in pairs):
+        bad = next(list(x) for x in pairs if len(x) != 2 or not all(_is_index(v) for v in x))
+        raise ListenError(f"{what} must be (layer, head) pairs of whole numbers, not {bad}")
+    hs = [(int(l), int(h)) for l, h in pairs]
     if not hs and not allow_empty:
         raise ListenError(f"{what}: no heads")
     if len(set(hs)) != len(hs):
@@ -30,25 +40,6 @@ def check_heads(heads, n_layers: int, n_heads: int, what: str = "heads", allow_e
     return hs
 
 
-def _count_fills(layers, cap, counts, every_layer: bool) -> int:
-    """Head sets that give each of `counts` to a distinct layer of `layers` (capacity cap[l]),
-    leaving the other layers empty (every_layer: none may stay empty). Exact DP over layers."""
-    values = sorted(set(counts))
-    dp = {tuple(counts.count(v) for v in values): 1}
-    for l in layers:
-        nxt: dict = defaultdict(int)
-        for state, ways in dp.items():
-            if not every_layer:
-                nxt[state] += ways
-            for i, v in enumerate(values):
-                if state[i] and cap[l] >= v:
-                    s = list(state)
-                    s[i] -= 1
-                    nxt[tuple(s)] += ways * comb(cap[l], v)
-        dp = nxt
-    return dp.get((0,) * len(values), 0)
-
-
 def _profile(heads, n_layers, n_heads, exclude):
     hs = check_heads(heads, n_layers, n_heads, "specialist heads")
     ex = set(hs) if exclude is None else set(check_heads(exclude, n_layers, n_heads, "excluded heads", True))
@@ -57,25 +48,50 @@ def _profile(heads, n_layers, n_heads, exclude):
     return hs, ex, per_layer, cap
 
 
+def _fits(layers, cap, counts_desc) -> bool:
+    """Whether the per-layer counts can go to distinct `layers` (each with cap[l] free heads): the
+    largest count to the roomiest layer, and so on (Hall's condition for this threshold structure)."""
+    caps = sorted((cap[l] for l in layers), reverse=True)
+    return len(caps) == len(counts_desc) and all(k >= c for k, c in zip(caps, counts_desc))
+
+
+def _count_layer_sets(cap, counts_desc) -> int:
+    """Number of layer sets of size len(counts) the counts fit into (exact DP over the layers in
+    decreasing capacity: the j-th layer chosen must hold the j-th largest count)."""
+    m = len(counts_desc)
+    dp = [1] + [0] * m
+    for l in sorted(range(len(cap)), key=lambda x: -cap[x]):
+        for j in range(m - 1, -1, -1):
+            if dp[j] and cap[l] >= counts_desc[j]:
+                dp[j + 1] += dp[j]
+    return dp[m]
+
+
 def count_matched_sets(heads, n_layers: int, n_heads: int, exclude=None) -> int:
-    """Number of distinct head sets matching `heads`' layer profile, avoiding `exclude` (default:
-    `heads`) and not reading exactly the same layers."""
+    """Number of distinct *layer sets* a control matched to `heads` can read: sets of as many layers
+    as `heads` spans that its per-layer head counts fit into, avoiding the heads of `exclude`
+    (default: `heads`), other than the specialist layer set itself. Steering reads only the
+    layers, so this is the number of distinct steering interventions a matched control can be."""
     _, _, per_layer, cap = _profile(heads, n_layers, n_heads, exclude)
-    counts = sorted(per_layer.values())
-    return (_count_fills(range(n_layers), cap, counts, False)
-            - _count_fills(sorted(per_layer), cap, counts, True))
+    counts = sorted(per_layer.values(), reverse=True)
+    return _count_layer_sets(cap, counts) - int(_fits(sorted(per_layer), cap, counts))
+
+
+ENUMERATE_LIMIT = 20_000  # up to this many candidate layer sets, all are listed and drawn from without redraws
 
 
 def matched_random_sets(heads, n_layers: int, n_heads: int, n_sets: int = 10, seed: int = 0,
-                        exclude=None) -> list[list[tuple[int, int]]]:
-    """Random-head controls matched to `heads`: same head count, same number of distinct layers,
-    same per-layer head counts (the counts go to uniformly drawn layers in random order; heads
-    uniform within a layer), never a head of `exclude` (default: `heads`) and never exactly the
-    specialist layer set (steering reads layers only, so that set would be no control).
+                        exclude=None, allow_fewer: bool = False) -> list[list[tuple[int, int]]]:
+    """Random-head controls matched to `heads`, **distinct by layer set**: same head count, same
+    number of distinct layers, same per-layer head counts (assigned to the set's layers in random
+    order among the assignments that fit; heads uniform within a layer), never a head of `exclude`
+    (default: `heads`), never the specialist layer set, and no two sets on the same layers (steering
+    reads the layers only, so two sets on the same layers would be one intervention counted twice).
+    The layer sets are uniform over the distinct ones that fit.
 
-    Seeded; distinct sets; prefix-stable (the first j sets do not depend on n_sets). Each set is
-    sorted by (layer, head). Raises ListenError when fewer than n_sets such sets exist (e.g. the
-    specialist heads span every layer)."""
+    Seeded; prefix-stable (the first j sets do not depend on n_sets). Each set is sorted by
+    (layer, head). When fewer than n_sets distinct layer sets exist: every one of them (in a seeded
+    random order) with `allow_fewer`, else ListenError (e.g. the specialist heads span every layer)."""
     hs, ex, per_layer, cap = _profile(heads, n_layers, n_heads, exclude)
     if isinstance(n_sets, bool) or int(n_sets) < 1:
         raise ListenError(f"n_sets must be a positive integer, got {n_sets!r}")
@@ -85,31 +101,42 @@ def matched_random_sets(heads, n_layers: int, n_heads: int, n_sets: int = 10, se
         raise ListenError(f"the specialist heads span all {n_layers} layers: a layer-matched random set would "
                           "steer with the same layers, so no matched control exists")
     total = count_matched_sets(hs, n_layers, n_heads, list(ex))
-    if total < n_sets:
-        raise ListenError(f"only {total} distinct random head sets match the specialist layer profile "
+    if total < n_sets and not (allow_fewer and total):
+        raise ListenError(f"only {total} distinct layer sets match the specialist layer profile "
                           f"{dict(sorted(per_layer.items()))} (excluding {len(ex)} heads); {n_sets} were asked for")
-    spec_layers = frozenset(per_layer)
-    counts = np.array(sorted(per_layer.values()))
+    n_sets = min(n_sets, total)
+    spec_layers = tuple(sorted(per_layer))
+    counts = sorted(per_layer.values(), reverse=True)
     free = {l: [h for h in range(n_heads) if (l, h) not in ex] for l in range(n_layers)}
     rng = np.random.default_rng(seed)
+
+    def heads_on(layers) -> list[tuple[int, int]]:
+        for _ in range(1000):  # a random assignment of the counts to the layers, among those that fit
+            cs = rng.permutation(counts)
+            if all(cap[l] >= c for l, c in zip(layers, cs)):
+                break
+        else:  # a tight fit: the largest count to the roomiest layer
+            layers = sorted(layers, key=lambda l: -cap[l])
+            cs = counts
+        return sorted((int(l), free[l][j]) for l, c in zip(layers, cs)
+                      for j in rng.choice(len(free[l]), int(c), replace=False))
+
+    if comb(n_layers, m) <= ENUMERATE_LIMIT:  # list every layer set that fits, in a seeded random order
+        every = [ls for ls in itertools.combinations(range(n_layers), m) if ls != spec_layers and _fits(ls, cap, counts)]
+        order = rng.permutation(len(every))
+        return [heads_on(list(every[i])) for i in order[:n_sets]]
     out, seen, tries = [], set(), 0
     max_tries = 10_000 + 1_000 * n_sets
     while len(out) < n_sets:
         tries += 1
         if tries > max_tries:
-            raise ListenError(f"could not draw {n_sets} distinct matched random head sets in {max_tries} tries "
-                              f"({total} exist); ask for fewer")
-        layers = rng.choice(n_layers, m, replace=False)
-        cs = rng.permutation(counts)
-        if frozenset(layers.tolist()) == spec_layers or any(cap[l] < c for l, c in zip(layers, cs)):
+            raise ListenError(f"could not draw {n_sets} matched random head sets on distinct layer sets in "
+                              f"{max_tries} tries ({total} exist); ask for fewer")
+        layers = tuple(sorted(int(l) for l in rng.choice(n_layers, m, replace=False)))
+        if layers == spec_layers or layers in seen or not _fits(layers, cap, counts):
             continue
-        chosen = sorted((int(l), free[l][j]) for l, c in zip(layers, cs)
-                        for j in rng.choice(len(free[l]), int(c), replace=False))
-        key = tuple(chosen)
-        if key in seen:
-            continue
-        seen.add(key)
-        out.append(chosen)
+        seen.add(layers)
+        out.append(heads_on(list(rng.permutation(layers))))
     return out
 
 
@@ -139,3 +166,15 @@ def compare_to_controls(specialist: float, controls) -> dict:
             "empirical_p": empirical_p(specialist, x), "min_possible_p": 1.0 / (1 + x.size)}
 
 
+
+
+def combine_fold_p(pvals) -> dict:
+    """One claim tested in several folds (or repeats): `some` = Bonferroni, min(1, m * min p), the p
+    of "it holds in at least one fold"; `every` = max p, the p of "it holds in every fold" (an
+    intersection-union test). Both are valid whatever the dependence between the folds (their
+    calibration sets overlap when there are more than two)."""
+    p = np.asarray([x for x in pvals if x is not None], np.float64)
+    if not p.size:
+        return {"m": 0, "some": None, "every": None, "values": []}
+    return {"m": int(p.size), "some": float(min(1.0, p.size * p.min())), "every": float(p.max()),
+            "values": p.tolist()}

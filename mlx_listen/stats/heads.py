@@ -193,6 +193,25 @@ def bootstrap_stability(mass, correct, *, k: int, n_boot: int = 200, seed: int =
     return (hits / len(R)).reshape(p.shape)
 
 
+def null_stability(mass, correct, *, k: int, n_boot: int = 200, seed: int = 0, tasks=None, center: str = "none",
+                   covariates=None, n_shuffles: int = 3) -> dict:
+    """The reference for `bootstrap_stability`: the mean bootstrap frequency of the top k found on the
+    same mass with correctness shuffled within task (nothing to find), over `n_shuffles` shuffles.
+    Top-k heads of real data whose mean frequency is near this are no more stable than noise."""
+    p = _prepare(mass, correct, center, tasks, covariates)
+    rng = np.random.default_rng(seed)
+    vals = []
+    for i in range(int(n_shuffles)):
+        c = _within_task_permutations(p.c, p.codes, 1, rng)[0]
+        c = c.astype(bool) if np.isin(p.c, (0, 1)).all() else c
+        kw = dict(tasks=tasks, center=center, covariates=covariates)
+        top = top_k(head_scores(mass, c, **kw), k)
+        freq = bootstrap_stability(mass, c, k=k, n_boot=n_boot, seed=seed + 1 + i, **kw)
+        vals.append(float(np.mean([freq[l, h] for l, h in top.heads])))
+    return {"mean": float(np.mean(vals)), "values": vals, "n_shuffles": int(n_shuffles), "n_boot": int(n_boot),
+            "definition": "mean bootstrap frequency of the top k with correctness shuffled within task"}
+
+
 def jaccard(a, b) -> float:
     """|A ∩ B| / |A ∪ B| of two head sets (1.0 when both are empty)."""
     A, B = {tuple(map(int, x)) for x in a}, {tuple(map(int, x)) for x in b}

@@ -1,13 +1,12 @@
-"""Intervals and tests the reports print: Wilson, McNemar, Holm, Newcombe's paired interval, paired
-accuracy and mean differences, AUC and two-group bootstrap intervals."""
+"""Two-group intervals the reports print: AUC (pooled and within strata) and mean differences with
+bootstrap intervals. Paired comparisons are in `paired.py`."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import ListenError
-from ._common import _as_correct, _sps, _task_codes
-from .exact import Z95, mcnemar_exact, wilson
+from ._common import _sps
 
 # -- two-group comparisons (validation) ----------------------------------------------------------
 
@@ -84,106 +83,57 @@ def mean_diff_ci(a, b, n_boot: int = 2000, seed: int = 0, min_group: int = 10) -
     return res
 
 
-# -- paired accuracy -------------------------------------------------------------------------------
-
-def holm(pvals) -> list[float]:
-    """Holm step-down adjusted p-values, in the input order (monotone, capped at 1)."""
-    p = np.asarray(pvals, np.float64).ravel()
-    if np.isnan(p).any() or (p < 0).any() or (p > 1).any():
-        raise ListenError("p-values must lie in [0, 1]")
-    m = p.size
-    order = np.argsort(p, kind="stable")
-    adj = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
-    out = np.empty(m)
-    out[order] = adj
-    return out.tolist()
-
-
-def newcombe_paired_ci(n11: int, n12: int, n21: int, n22: int, level: float = 0.95) -> tuple[float, float]:
-    """Newcombe's square-and-add CI for p1 - p2 of paired proportions (see the module notes).
-
-    n11: both right; n12: first right, second wrong; n21: first wrong, second right; n22: both
-    wrong. p1 = (n11 + n12) / n, p2 = (n11 + n21) / n."""
-    n = n11 + n12 + n21 + n22
-    z = Z95 if level == 0.95 else float(_sps.norm.ppf(0.5 + level / 2))
-    p1, p2 = (n11 + n12) / n, (n11 + n21) / n
-    l1, u1 = wilson(n11 + n12, n, z)
-    l2, u2 = wilson(n11 + n21, n, z)
-    margins = (n11 + n12) * (n21 + n22) * (n11 + n21) * (n12 + n22)
-    phi = 0.0
-    if margins > 0:
-        a = n11 * n22 - n12 * n21
-        phi = (a - n / 2 if a > n / 2 else 0.0 if a >= 0 else a) / np.sqrt(float(margins))
-    d = p1 - p2
-    lo = d - np.sqrt(max(0.0, (p1 - l1) ** 2 - 2 * phi * (p1 - l1) * (u2 - p2) + (u2 - p2) ** 2))
-    hi = d + np.sqrt(max(0.0, (u1 - p1) ** 2 - 2 * phi * (u1 - p1) * (p2 - l2) + (p2 - l2) ** 2))
-    return max(-1.0, float(lo)), min(1.0, float(hi))
+def stratified_auc(scores, positive, strata) -> float | None:
+    """`stratified_auc_ci`'s point estimate alone (None when no stratum holds both groups)."""
+    x = _as_values(scores, "scores")
+    pos = np.asarray(positive, bool).ravel()
+    st = np.asarray(strata).astype(str).ravel()
+    num = den = 0.0
+    for name in set(st.tolist()):
+        P, N = x[(st == name) & pos], x[(st == name) & ~pos]
+        if P.size and N.size:
+            num += float(_auc_rows(P[None], N[None])[0]) * P.size * N.size
+            den += P.size * N.size
+    return num / den if den else None
 
 
-def _paired_row(base: np.ndarray, treat: np.ndarray, method: str, n_boot: int, seed: int, min_group: int) -> dict:
-    n = base.size
-    both = int((base & treat).sum())
-    w2r = int((~base & treat).sum())
-    r2w = int((base & ~treat).sum())
-    neither = n - both - w2r - r2w
-    row = {"n": n, "base_accuracy": float(base.mean()), "treat_accuracy": float(treat.mean()),
-           "difference": (w2r - r2w) / n, "wrong_to_right": w2r, "right_to_wrong": r2w,
-           "both_right": both, "both_wrong": neither, "mcnemar_p": mcnemar_exact(w2r, r2w),
-           "too_small": n < min_group}
-    if n < min_group:
-        row["ci95"] = None
-    elif method == "newcombe":
-        row["ci95"] = list(newcombe_paired_ci(both, w2r, r2w, neither))
-    else:  # paired bootstrap: items resampled as pairs = the four cells resampled multinomially
-        cells = np.random.default_rng(seed).multinomial(n, np.array([w2r, r2w, both, neither]) / n, size=n_boot)
-        d = (cells[:, 0] - cells[:, 1]) / n
-        row["ci95"] = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]
-    return row
+def stratified_auc_ci(scores, positive, strata, n_boot: int = 2000, seed: int = 0, min_group: int = 10) -> dict:
+    """The AUC of `scores` for positive vs negative items counting only pairs in the same stratum:
+    sum over strata of the Mann-Whitney U, over the sum of n_pos x n_neg (a stratum with one group
+    empty adds nothing). A score that tracks the strata alone (e.g. correctness, when the strata are
+    right and wrong answers) gets 0.5 however strongly the strata predict `positive`.
 
-
-def paired_accuracy(base_correct, treat_correct, *, tasks=None, method: str = "newcombe", n_boot: int = 10_000,
-                    seed: int = 0, min_group: int = 10) -> dict:
-    """Steered (treat) minus unsteered (base) accuracy on the same items.
-
-    Overall and (with `tasks`) per task: n, both accuracies, difference, 95% paired CI
-    (`method`: "newcombe", the default, or "bootstrap"), discordant counts (wrong_to_right,
-    right_to_wrong), McNemar exact p; per-task rows also carry `p_holm`, the Holm adjustment over
-    the tasks. Rows under `min_group` items get ci95 None and too_small True."""
-    b = _as_correct(base_correct)
-    t = _as_correct(treat_correct, b.size)
-    if not b.size:
-        raise ListenError("no items to compare")
-    if method not in ("newcombe", "bootstrap"):
-        raise ListenError(f"unknown paired CI method {method!r}: use newcombe or bootstrap")
-    out = {"method": method, "level": 0.95, **_paired_row(b, t, method, n_boot, seed, min_group)}
-    if tasks is not None:
-        codes, names = _task_codes(tasks, b.size)
-        rows = [{"task": name, **_paired_row(b[codes == j], t[codes == j], method, n_boot, seed + 1 + j, min_group)}
-                for j, name in enumerate(names)]
-        for row, adj in zip(rows, holm([r["mcnemar_p"] for r in rows])):
-            row["p_holm"] = adj
-        out["per_task"] = rows
+    95% percentile bootstrap, positives and negatives resampled within each stratum. Returns
+    {"auc", "ci95", "n_pos", "n_neg" (in usable strata), "strata": {name: {n_pos, n_neg, auc}},
+    "too_small"} with the `auc_ci` convention (fewer than `min_group` usable positives or
+    negatives: no interval)."""
+    x = _as_values(scores, "scores")
+    pos = np.asarray(positive, bool).ravel()
+    st = np.asarray(strata).astype(str).ravel()
+    if not (x.size == pos.size == st.size):
+        raise ListenError(f"{x.size} scores, {pos.size} labels and {st.size} strata")
+    rng = np.random.default_rng(seed)
+    per, u_total, pairs, boot_u = {}, 0.0, 0, np.zeros(int(n_boot))
+    n_pos = n_neg = 0
+    for name in sorted(set(st.tolist())):
+        P, N = x[(st == name) & pos], x[(st == name) & ~pos]
+        per[name] = {"n_pos": int(P.size), "n_neg": int(N.size),
+                     "auc": float(_auc_rows(P[None], N[None])[0]) if P.size and N.size else None}
+        if not (P.size and N.size):
+            continue
+        n_pos, n_neg = n_pos + P.size, n_neg + N.size
+        w = P.size * N.size
+        u_total += per[name]["auc"] * w
+        pairs += w
+        boot_u += _boot_two(P, N, _auc_rows, int(n_boot), int(rng.integers(1 << 31))) * w
+    out = {"auc": u_total / pairs if pairs else None, "n_pos": n_pos, "n_neg": n_neg, "strata": per,
+           "min_group": min_group, "too_small": n_pos < min_group or n_neg < min_group}
+    if out["too_small"] or not pairs:
+        out["ci95"] = None
+        out["reason"] = (f"fewer than {min_group} items in a group within strata that have both "
+                         f"(positive {n_pos}, negative {n_neg})")
+    else:
+        b = boot_u / pairs
+        out["ci95"] = [float(np.percentile(b, 2.5)), float(np.percentile(b, 97.5))]
+        out["n_boot"], out["seed"] = int(n_boot), seed
     return out
-
-
-def paired_mean_diff(base, treat, level: float = 0.95, min_group: int = 10) -> dict:
-    """Mean of treat − base over paired items (e.g. the correct option's log-prob margin, steered
-    against unsteered), with its t interval (scipy's; paired, so the items' own spread cancels).
-    Non-finite pairs are dropped and counted; under `min_group` pairs ci95 is None."""
-    b = np.asarray(base, np.float64).ravel()
-    t = np.asarray(treat, np.float64).ravel()
-    if b.shape != t.shape:
-        raise ListenError(f"paired values of unequal length: {b.size} and {t.size}")
-    keep = np.isfinite(b) & np.isfinite(t)
-    d = t[keep] - b[keep]
-    n = int(d.size)
-    out = {"n": n, "dropped": int((~keep).sum()), "level": level,
-           "base_mean": float(b[keep].mean()) if n else None, "treat_mean": float(t[keep].mean()) if n else None,
-           "difference": float(d.mean()) if n else None, "ci95": None, "too_small": n < min_group}
-    if n >= max(min_group, 2):
-        se = float(d.std(ddof=1)) / np.sqrt(n)
-        half = float(_sps.t.ppf(0.5 + level / 2, n - 1)) * se
-        out["ci95"] = [out["difference"] - half, out["difference"] + half]
-    return out
-
-

@@ -47,9 +47,9 @@ def test_all_right_or_all_wrong_is_a_clear_error(value, word):
         stats.head_scores(mass, np.full(10, value))
     rows = [{"audio_mass": m.tolist(), "correct": value} for m in mass]
     with pytest.raises(ListenError, match="undefined"):
-        find_heads(rows, 3, {})
+        find_heads(rows, 3, {}, center="none")
     with pytest.raises(ListenError, match="no calibration items"):
-        find_heads([], 3, {})
+        find_heads([], 3, {}, center="none")
 
 
 def test_top_heads_best_first_ties_by_layer_then_head():
@@ -70,7 +70,7 @@ def test_planted_head_ranks_first_on_synthetic_data():
         pl, ph = int(rng.integers(L)), int(rng.integers(Hh))
         x = mass[:, pl, ph] + 0.05 * rng.standard_normal(n)
         rows = [{"audio_mass": m.tolist(), "correct": bool(c)} for m, c in zip(mass, x > np.median(x))]
-        hs = find_heads(rows, 5, {"model": "m"})
+        hs = find_heads(rows, 5, {"model": "m"}, center="none")
         assert hs.heads[0] == (pl, ph)
         assert len(hs.heads) == 5 and len(set(hs.heads)) == 5
         others = np.delete(hs.scores.ravel(), pl * Hh + ph)
@@ -78,20 +78,20 @@ def test_planted_head_ranks_first_on_synthetic_data():
         assert hs.meta["n_items"] == n and hs.meta["accuracy"] == 0.5 and hs.meta["model"] == "m"
         # the opposite dependence makes it the worst head, not the best
         flipped = [dict(r, correct=not r["correct"]) for r in rows]
-        assert top_heads(find_heads(flipped, 5, {}).scores, L * Hh)[-1] == (pl, ph)
+        assert top_heads(find_heads(flipped, 5, {}, center="none").scores, L * Hh)[-1] == (pl, ph)
 
 
 def test_ranking_is_deterministic_and_order_free():
     rng = np.random.default_rng(7)
     mass = rng.random((40, 3, 4))
     rows = [{"audio_mass": m.tolist(), "correct": bool(c)} for m, c in zip(mass, rng.random(40) < 0.5)]
-    a = find_heads(rows, 6, {})
-    b = find_heads(rows, 6, {})
-    c = find_heads([rows[i] for i in rng.permutation(40)], 6, {})
+    a = find_heads(rows, 6, {}, center="none")
+    b = find_heads(rows, 6, {}, center="none")
+    c = find_heads([rows[i] for i in rng.permutation(40)], 6, {}, center="none")
     assert a.heads == b.heads == c.heads
     assert np.allclose(a.scores, c.scores, atol=1e-12)
     with pytest.raises(ListenError, match="only 12 heads|12 heads"):  # k above the head count: refused, not capped
-        find_heads(rows, 100, {})
+        find_heads(rows, 100, {}, center="none")
 
 
 def test_planted_head_ranks_first_on_real_records(heads_run):
@@ -135,9 +135,17 @@ def test_heads_command_outputs(demo, tiny_gqa, heads_run, shape):
     assert raw["n_items"] == N_DEMO and raw["accuracy"] == 0.5  # the demo set balances positions
     assert (raw["prompt"], raw["max_tokens"], raw["seed"]) == ("r1-aqa", MAX_TOKENS, 0)
     assert set(raw["scores"]) == {f"{l},{h}" for l in range(L) for h in range(Hh)}
-    # scores = Pearson r of the stored records; heads = the K best, best first
+    # scores = the default score of the stored records (within task, clip and question length
+    # partialled out); heads = the K best, best first
+    assert raw["center"] == "task" and raw["partialled_out"] == ["task", "log clip length (audio tokens)",
+                                                                 "log question length (text tokens of the prompt)"]
+    assert raw["score"].startswith("partial r(audio mass, correct | task, log clip length, log question length)")
+    assert all(r["text_tokens"] > 0 and r["text_tokens"] + r["audio_tokens"] > r["audio_tokens"] for r in rows)
     mass = np.array([r["audio_mass"] for r in rows])
-    want = stats.head_scores(mass, np.array([r["correct"] for r in rows]))
+    want = stats.head_scores(mass, np.array([r["correct"] for r in rows]), center="task",
+                             tasks=[r["task"] for r in rows],
+                             covariates=stats.length_covariates([r["audio_tokens"] for r in rows],
+                                                                [r["text_tokens"] for r in rows]))
     for l in range(L):
         for h in range(Hh):
             assert raw["scores"][f"{l},{h}"] == pytest.approx(want[l, h], abs=1e-6)

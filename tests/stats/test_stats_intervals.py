@@ -90,7 +90,8 @@ def test_mcnemar_exact_by_hand():
     assert S.mcnemar_exact(0, 5) == pytest.approx(2 / 2**5)
     res = S.paired_accuracy(*pairs(50, 7, 1, 42))
     assert res["wrong_to_right"] == 7 and res["right_to_wrong"] == 1
-    assert res["mcnemar_p"] == pytest.approx(18 / 256)
+    assert res["mcnemar_exact_p"] == pytest.approx(18 / 256)
+    assert res["p"] == pytest.approx(math.erfc(6 / math.sqrt(8) / math.sqrt(2)))  # the score test: z = 6 / sqrt 8
     assert res["difference"] == pytest.approx(6 / 100)
     assert res["base_accuracy"] == pytest.approx(0.51) and res["treat_accuracy"] == pytest.approx(0.57)
 
@@ -101,27 +102,31 @@ def test_newcombe_interval_matches_published_example():
     Contingency Tables, ch. 8)."""
     lo, hi = S.newcombe_paired_ci(59, 6, 16, 80)
     assert (round(lo, 4), round(hi, 4)) == (-0.1186, -0.0046)
-    res = S.paired_accuracy(*pairs(59, 6, 16, 80))
+    res = S.paired_accuracy(*pairs(59, 6, 16, 80), method="newcombe")
     assert res["difference"] == pytest.approx(-10 / 161)
-    assert res["ci95"] == pytest.approx([lo, hi])
+    assert res["ci95"] == pytest.approx([lo, hi]) and res["p"] == res["mcnemar_exact_p"]
 
 
 def test_paired_interval_coverage():
     """Cells (both right, wrong->right, right->wrong, both wrong) = (.45, .15, .10, .30): true gain 0.05."""
     rng = np.random.default_rng(13)
     probs = [0.45, 0.15, 0.10, 0.30]
-    n_sim, hit_nc, hit_bs = 300, 0, 0
+    n_sim, hit_sc, hit_nc, hit_bs = 300, 0, 0, 0
     for i in range(n_sim):
         base, treat = pairs(*rng.multinomial(150, probs))
-        nc = S.paired_accuracy(base, treat)
+        sc = S.paired_accuracy(base, treat)
+        nc = S.paired_accuracy(base, treat, method="newcombe")
         bs = S.paired_accuracy(base, treat, method="bootstrap", n_boot=2000, seed=i)
+        hit_sc += sc["ci95"][0] <= 0.05 <= sc["ci95"][1]
         hit_nc += nc["ci95"][0] <= 0.05 <= nc["ci95"][1]
         hit_bs += bs["ci95"][0] <= 0.05 <= bs["ci95"][1]
-    assert 0.91 <= hit_nc / n_sim <= 0.985  # Binomial(300, 0.95): sd 0.013
+    assert 0.91 <= hit_sc / n_sim <= 0.985  # Binomial(300, 0.95): sd 0.013
+    assert 0.91 <= hit_nc / n_sim <= 0.985
     assert 0.91 <= hit_bs / n_sim <= 0.985
-    # no discordant pair: Newcombe still gives an honest, non-degenerate interval around 0
+    # no discordant pair: the score and Newcombe intervals stay honest, non-degenerate, around 0
     none = S.paired_accuracy(*pairs(30, 0, 0, 20))
-    assert none["ci95"][0] < 0 < none["ci95"][1] and none["mcnemar_p"] == 1.0
+    assert none["ci95"][0] < 0 < none["ci95"][1] and none["p"] == 1.0
+    assert S.paired_accuracy(*pairs(30, 0, 0, 20), method="newcombe")["ci95"][0] < 0
     assert S.paired_accuracy(*pairs(30, 0, 0, 20), method="bootstrap")["ci95"] == [0.0, 0.0]
 
 
@@ -150,15 +155,18 @@ def test_paired_accuracy_per_task_rows():
     assert res["n"] == len(tasks) and res["wrong_to_right"] == 14 and res["right_to_wrong"] == 4
     rows = {r["task"]: r for r in res["per_task"]}
     assert list(rows) == ["music", "sound", "speech"]
-    raw = {name: S.mcnemar_exact(c[1], c[2]) for name, c in tables.items()}
-    assert raw["music"] == pytest.approx(2 * 11 / 2**10)  # P(X <= 1), X ~ Bin(10, 1/2), doubled
+    exact = {name: S.mcnemar_exact(c[1], c[2]) for name, c in tables.items()}
+    assert exact["music"] == pytest.approx(2 * 11 / 2**10)  # P(X <= 1), X ~ Bin(10, 1/2), doubled
+    raw = {name: (1.0 if c[1] + c[2] == 0 else 2 * sps.norm.sf(abs(c[1] - c[2]) / math.sqrt(c[1] + c[2])))
+           for name, c in tables.items()}  # the score test, by hand
     adj = dict(zip(raw, S.holm(list(raw.values()))))
     for name, (n11, n12, n21, n22) in tables.items():
         r = rows[name]
         assert r["n"] == n11 + n12 + n21 + n22
         assert (r["wrong_to_right"], r["right_to_wrong"]) == (n12, n21)
         assert r["difference"] == pytest.approx((n12 - n21) / r["n"])
-        assert r["mcnemar_p"] == pytest.approx(raw[name]) and r["p_holm"] == pytest.approx(adj[name])
+        assert r["mcnemar_exact_p"] == pytest.approx(exact[name])
+        assert r["p"] == pytest.approx(raw[name]) and r["p_holm"] == pytest.approx(adj[name])
     assert rows["speech"]["too_small"] and rows["speech"]["ci95"] is None  # 8 items
     assert not rows["music"]["too_small"] and rows["music"]["ci95"][0] > 0
     with pytest.raises(ListenError):
@@ -176,8 +184,9 @@ def test_paired_mean_diff_matches_scipy_and_covers_a_planted_shift():
     base = rng.normal(0, 3, 200)  # the items' own spread is large; the pairing removes it
     treat = base + 0.4 + rng.normal(0, 0.5, 200)
     r = paired_mean_diff(base, treat)
-    lo, hi = sps.ttest_rel(treat, base).confidence_interval(0.95)
-    assert r["ci95"] == pytest.approx([lo, hi]) and r["ci95"][0] > 0
+    tt = sps.ttest_rel(treat, base)
+    lo, hi = tt.confidence_interval(0.95)
+    assert r["ci95"] == pytest.approx([lo, hi]) and r["ci95"][0] > 0 and r["p"] == pytest.approx(tt.pvalue)
     covered = 0
     for s in range(400):  # the null: a 95% interval covers 0 about 95% of the time
         g = np.random.default_rng(100 + s)
