@@ -127,6 +127,22 @@ def claim(path: Path, identity: dict, *, keys=None, extra: dict | None = None, h
 
 
 @contextmanager
+def provisional(path: Path):
+    """Undo a run's claim on its folder when the run fails before it has recorded anything: if `path`
+    (the run's identity file) did not exist before the block and the block raises while no record
+    (a non-empty .jsonl) exists under its folder, `path` is removed, so a corrected rerun with other
+    settings is not refused ("holds a run with other settings") by a run that never ran."""
+    path = Path(path)
+    existed = path.exists()
+    try:
+        yield
+    except BaseException:
+        if not existed and path.exists() and not any(p.stat().st_size for p in path.parent.rglob("*.jsonl")):
+            path.unlink()
+        raise
+
+
+@contextmanager
 def locked(folder: Path, name: str = ".lock"):
     """Hold an exclusive lock on `folder` for the block; a second holder is refused at once."""
     folder = Path(folder)

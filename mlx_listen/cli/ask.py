@@ -99,7 +99,7 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
         click.echo(text, nl=False)
 
     answer = run(mdl, processor, feats, question, system=system, heads=heads, steer=steer_cfg, ablate=ablated,
-                 bindings=bindings(heads_path, steer_path, vector_path, ablate), force=force,
+                 bindings=bindings(heads_path, steer_path, vector_path, ablate, ablate_means), force=force,
                  on_text=None if quiet else stream, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k,
                  min_p=min_p, repetition_penalty=repetition_penalty, seed=seed)
     if quiet:
@@ -148,14 +148,15 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Draw the layers x heads heatmap.")
 @click.option("--system", default=None, help="System prompt.")
-def attention(clip, question, model, json_out, heads_path, png, system):
+@FORCE
+def attention(clip, question, model, json_out, heads_path, png, system, force):
     """Per layer and head, the attention mass on the audio at the last prompt token."""
     check_png(png, "--png")
     from mlx_listen.headset import HeadSet
     from mlx_listen.method.heads import attention_map
 
     heads = HeadSet.load(heads_path) if heads_path else None
-    out = attention_map(model, clip, question, system=system, heads=heads, json_out=json_out, png=png)
+    out = attention_map(model, clip, question, system=system, heads=heads, json_out=json_out, png=png, force=force)
     click.echo(f"[INFO] audio mass of {out['layers']}x{out['heads']} heads written to {json_out}"
                + (f"; listening score {out['listening']:.4f}" if heads else ""), err=True)
 

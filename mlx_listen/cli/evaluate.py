@@ -67,7 +67,7 @@ def evaluate(ctx, data, audio_dir, model, out, limit, tasks, prompt, max_tokens,
     listen_heads = list(HeadSet.load(listen_path).heads) if listen_path else []
     spec = EvalSpec(data, audio_dir, ref, out, limit=limit, tasks=tasks, prompt=prompt, max_tokens=max_tokens,
                     skip_missing=skip_missing, conditions=conditions, listen_heads=listen_heads,
-                    bindings=bindings(steer_path, vector_path, listen_path, ablate), force=force, score=score_mode)
+                    bindings=bindings(steer_path, vector_path, listen_path, ablate, ablate_means), force=force, score=score_mode)
     reports = run_eval(spec)
     for cond in spec.conditions:
         if cond.name in reports:

@@ -86,7 +86,8 @@ def steer_sweep(heads_path, model, data, audio_dir, out, alphas, calib_fraction,
               help="Folder for inspect.json, inspect.txt and the PNGs.")
 @click.option("--show", type=click.IntRange(min=1), default=10, show_default=True,
               help="Tokens printed per lens in the summary.")
-def steer_inspect(source, model, data, audio_dir, limit, prompt, tasks, top_k, alpha, out, show):
+@FORCE
+def steer_inspect(source, model, data, audio_dir, limit, prompt, tasks, top_k, alpha, out, show, force):
     """The logit lens of a steering direction: the tokens it promotes and demotes through the final
     norm and lm_head, and, with --data, the audio-silence contrast at every layer and the direction's
     cosine consistency across items and tasks.
@@ -101,7 +102,7 @@ def steer_inspect(source, model, data, audio_dir, limit, prompt, tasks, top_k, a
     if (data is None) != (audio_dir is None):
         raise click.UsageError("--data and --audio-dir go together")
     res = inspect(source, model, data, audio_dir, out, limit=limit, tasks=tasks, prompt=prompt, top_k=top_k,
-                  alpha=alpha)
+                  alpha=alpha, force=force)
     failed = (res.get("data") or {}).get("failed") or []
     if failed:
         click.echo(f"[WARNING] {len(failed)} items could not be used, e.g. {failed[0]['id']}: {failed[0]['error']}",

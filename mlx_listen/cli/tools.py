@@ -11,6 +11,7 @@ from .options import (
     ABLATE_MODE_HELP,
     DIR,
     FILE,
+    FORCE,
     MODEL,
     PROMPT,
     TASKS,
@@ -45,8 +46,9 @@ from .options import (
 @click.option("--system", default=None, help="System prompt (CLIP QUESTION).")
 @click.option("--max-rows", type=click.IntRange(min=1), default=32, show_default=True,
               help="Patches run together in one batch (memory).")
+@FORCE
 def patch(args, model, data, audio_dir, limit, tasks, prompt, out, tokens, head_at, min_gap, first_diff, heads_path,
-          system, max_rows):
+          system, max_rows, force):
     """Activation patching audio -> silence: where does the audio evidence enter?
 
     The prompt runs with equal-length silence; the audio run's residual stream (per layer over
@@ -75,7 +77,7 @@ def patch(args, model, data, audio_dir, limit, tasks, prompt, out, tokens, head_
     if data is None:
         _question_is_a_clip(args[1])
     summary = patch_run(model, out, clip=args[0] if args else None, question=args[1] if args else None, system=system,
-                        data=data, audio_dir=audio_dir, tasks=tasks, limit=limit, config=cfg, heads=heads)
+                        data=data, audio_dir=audio_dir, tasks=tasks, limit=limit, config=cfg, heads=heads, force=force)
     click.echo("\n".join(patch_lines(summary, heads.heads if heads else ())))
     click.echo(f"[INFO] wrote {out / 'patch.json'}" + "".join(f", {out / f}" for f in summary["files"]), err=True)
 

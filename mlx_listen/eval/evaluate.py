@@ -32,11 +32,12 @@ from tqdm import tqdm
 
 from .. import __version__, presets
 from ..errors import AudioWarning, ListenError, ListenWarning
+from ..headset import check_heads
 from ..identity import check_binding
 from ..interp import scoring
 from ..load import ModelRef
 from ..prompt import prepare
-from ..records import PRED_FILE, Stage, claim, file_sha256, locked, read_jsonl, write_atomic, write_json
+from ..records import PRED_FILE, Stage, claim, file_sha256, locked, provisional, read_jsonl, write_atomic, write_json
 from . import logprob, mmau
 from .conditions import Answerer, Condition, baseline
 
@@ -186,8 +187,9 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
     for w in spec.warnings:
         warnings.warn(w, ListenWarning, stacklevel=2)
     ref = ModelRef.of(spec.model)
+    check_conditions(spec, *ref.shape)  # from the config: before the folder is bound to anything
     fingerprint = ref.fingerprint()
-    with locked(spec.out, ".lock" if rank == 0 else f".lock.rank{rank}"):
+    with locked(spec.out, ".lock" if rank == 0 else f".lock.rank{rank}"), provisional(spec.out / RUN_FILE):
         if rank == 0:
             claim(spec.out / RUN_FILE, identity(spec, fingerprint), extra={"model": str(ref), "data": str(spec.data)})
             for cond in spec.conditions:  # cut half-written last lines left by a kill, before anyone reads
@@ -201,6 +203,19 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
         if rank != 0:
             return {}
         return {c.name: finish(spec, c, items, missing) for c in spec.conditions}
+
+
+def check_conditions(spec: EvalSpec, n_layers: int, n_heads: int):
+    """Every condition's heads and layers, and the listening heads, against the model's shape (its
+    config alone): a user error here is one line before any folder is bound or any weight is read."""
+    if spec.listen_heads:
+        check_heads(spec.listen_heads, n_layers, n_heads, "--listen heads")
+    for c in spec.conditions:
+        if c.steer is not None:
+            c.steer.validate(n_layers, n_heads=n_heads)
+        ablation = c.settings.get("ablation")
+        if ablation:
+            check_heads(ablation["heads"], n_layers, n_heads, "ablated heads")
 
 
 def _answer_items(spec: EvalSpec, ref: ModelRef, items: list[dict], rank: int, size: int, progress: bool):
@@ -276,8 +291,8 @@ def finish(spec: EvalSpec, cond: Condition, items: list[dict], missing: list[str
               for i in order if "error" in rows[i]]
     write_atomic(cdir / OFFICIAL_FILE, json.dumps(answered, ensure_ascii=False, indent=1))
     if not answered:
-        raise ListenError(f"no item could be answered ({len(failed)} failed, e.g. {failed[0]['id']}: "
-                          f"{failed[0]['error']})" if failed else "no item was answered")
+        raise ListenError(f"{cond.name}: no item could be answered ({len(failed)} failed, e.g. {failed[0]['id']}: "
+                          f"{failed[0]['error']})" if failed else f"{cond.name}: no item was answered")
     report = mmau.score(answered, raw_key="raw_output")
     summary = {
         **report.to_dict(),

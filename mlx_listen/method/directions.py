@@ -72,14 +72,27 @@ def save_vector(path, vector: np.ndarray, *, apply_layer: int, hidden_size: int,
 
 
 def bindings(*paths) -> list[tuple[str, dict]]:
-    """(label, metadata) of each HEADS.json / vector file given (None skipped), for
+    """(label, metadata) of each HEADS.json / vector / head-means file given (None skipped), for
     `identity.check_binding`: what each was found on (model signature, prompt, calibration ids)."""
+    from .means import means_binding
+
     out = []
     for p in paths:
         if p is None or not Path(p).is_file():
             continue
-        out.append((str(p), vector_binding(p) if Path(p).suffix == ".safetensors" else HeadSet.load(p).meta or {}))
+        if Path(p).suffix != ".safetensors":
+            out.append((str(p), HeadSet.load(p).meta or {}))
+        else:
+            out.append((str(p), means_binding(p) if is_means_file(p) else vector_binding(p)))
     return out
+
+
+def is_means_file(path) -> bool:
+    """A head-means file (`ablate means`: tensors `z_mean.<layer>`), not a steering vector."""
+    try:
+        return any(k.startswith("z_mean.") for k in mx.load(str(path)))
+    except Exception:
+        return False
 
 
 def vector_binding(path) -> dict:
@@ -93,9 +106,13 @@ def vector_binding(path) -> dict:
         except ValueError:
             return md.get(key, default)
 
-    cal = field_("calibration", {}) or {}
-    return {"model_signature": field_("model_signature"), "prompt": cal.get("prompt"),
-            "calibration_ids": cal.get("ids") or []}
+    sig, cal = field_("model_signature"), field_("calibration", {}) or {}
+    if sig is not None and not isinstance(sig, dict):
+        raise ListenError(f"{path}: its 'model_signature' metadata is damaged (not a JSON object)")
+    if not isinstance(cal, dict) or not isinstance(cal.get("ids") or [], list) \
+            or not isinstance(cal.get("prompt") or "", str):
+        raise ListenError(f"{path}: its 'calibration' metadata is damaged (not an object with ids and prompt)")
+    return {"model_signature": sig, "prompt": cal.get("prompt"), "calibration_ids": cal.get("ids") or []}
 
 
 def load_vector(path, hidden_size: int | None = None, n_layers: int | None = None) -> tuple[np.ndarray, int, dict]:
@@ -127,7 +144,7 @@ def build_vector(model, processor, items: Sequence[dict], audio_dir: Path, confi
     """The mean of the per-input directions d(x) over `items` (float32), the ids that went in, and
     the items that could not be used ({id, error})."""
     st = Steerer(model, config)
-    total, used, failed = None, [], []
+    total, used, failed, zero = None, [], [], 0
     for item in tqdm(items, desc="direction", unit="item", file=sys.stderr, disable=not progress):
         try:
             prompt = prepare(model, processor, [Path(audio_dir) / item["audio_id"]], presets.build_prompt(item, prompt_preset))
@@ -137,9 +154,13 @@ def build_vector(model, processor, items: Sequence[dict], audio_dir: Path, confi
         d = np.array(st.direction(prompt))
         total = d if total is None else total + d
         used.append(item["id"])
+        zero += not np.any(d)
     if not used:
         raise ListenError("no items to build the direction from" + (f" ({len(failed)} failed, e.g. "
                           f"{failed[0]['id']}: {failed[0]['error']})" if failed else ""))
+    if zero:
+        warnings.warn(f"{zero} of {len(used)} items gave an all-zero direction (audio and silence identical at the "
+                      "heads' layers)", ListenWarning, stacklevel=2)
     return (total / len(used)).astype(np.float32), used, failed
 
 
@@ -170,6 +191,9 @@ def build(headset: HeadSet, model, data: Path, audio_dir: Path, out, *, limit: i
     for w in warned:
         warnings.warn(w, ListenWarning, stacklevel=2)
     vec, used, failed = build_vector(model, processor, items, Path(audio_dir), config, prompt, progress)
+    if not np.any(vec):
+        warnings.warn("the mean direction is all zeros (the audio and the silence give the same residuals at the "
+                      "heads' layers): steering with it changes nothing", ListenWarning, stacklevel=2)
     meta = {"model": str(ref), "layers": config.layers, "heads": [list(h) for h in config.heads],
             "coeff": alpha, "normalize": "none", "positions": "prompt_last+generated", "source": "dataset_mean",
             "model_signature": model_signature(model), "warnings": warned,

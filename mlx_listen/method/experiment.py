@@ -40,6 +40,7 @@ simulated one, where the truth is known (`tests/support/sim_backend.py`).
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -47,7 +48,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import presets, stats
-from ..errors import ListenError
+from ..errors import ListenError, ListenWarning
 from ..eval import mmau
 from ..eval.conditions import ablated, steered
 from ..eval.evaluate import EvalSpec, audio_problems
@@ -55,7 +56,7 @@ from ..headset import control_sets
 from ..interp.ablation import Ablation, parse_mode
 from ..interp.steering import SteerConfig
 from ..load import ModelRef
-from ..records import Stage, claim, file_sha256, locked, write_json
+from ..records import Stage, claim, file_sha256, locked, provisional, write_json
 from .backend import ModelBackend, outcome  # noqa: F401 (outcome: what an answer becomes in the records)
 from .heads import covariates
 from .names import MEAN, RANDOM_DIRECTION, SPECIALIST, ablate_name, random_name, tuned
@@ -244,6 +245,9 @@ class Experiment:
         if not good:
             raise ListenError(f"fold {fold.index}: no calibration item gave a direction")
         fold.zero_directions = sum(not np.any(d) for d in good)
+        if fold.zero_directions:
+            warnings.warn(f"fold {fold.index}: {fold.zero_directions} of {len(good)} calibration items gave an all-zero "
+                          "direction (audio and silence identical at the heads' layers)", ListenWarning, stacklevel=2)
         fold.mean_vector = np.mean(good, axis=0).astype(np.float32)
         rng = np.random.default_rng(s.seed + 31_337 + fold.index + 1000 * fold.repeat)
         v = rng.standard_normal(fold.mean_vector.size)
@@ -333,7 +337,7 @@ def run_experiment(settings: Settings, data: Path, audio_dir: Path, model, out: 
         fingerprint = getattr(backend, "fingerprint", "simulated")
     identity = {"model_fingerprint": fingerprint, "data_sha256": file_sha256(data), "tasks": list(tasks),
                 "limit": limit, **settings.to_json()}
-    with locked(out):
+    with locked(out), provisional(out / "experiment.json"):
         claim(out / "experiment.json", identity, extra={"model": str(ModelRef.of(model)), "data": str(data)})
         backend = backend or ModelBackend(model, audio_dir, settings)
         return Experiment(settings, items, out, backend, progress=progress).run()

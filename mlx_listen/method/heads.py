@@ -34,12 +34,12 @@ from ..eval.conditions import Answerer, baseline
 from ..eval.logprob import row_fields
 from ..headset import HeadSet, control_sets
 from ..hooks import AUDIO_MASS, run_with_cache
-from ..identity import model_signature
+from ..identity import check_binding, model_signature
 from ..interp import scoring
 from ..load import ModelRef
 from ..plots import heatmap, listening_plot, score_heatmap
 from ..prompt import as_features, prepare
-from ..records import Stage, claim, file_sha256, locked, write_json
+from ..records import Stage, claim, file_sha256, locked, provisional, write_json
 
 
 def top_heads(scores: np.ndarray, k: int) -> list[tuple[int, int]]:
@@ -240,7 +240,7 @@ def discover(model, data: Path, audio_dir: Path, out: Path, *, k: int = 20, limi
     ident = run_identity(ref, data, prompt, max_tokens)
     if target == "margin":  # its records hold the option log-probs; records made without keep their identity
         ident["records"] = "with option log-probs"
-    with locked(out.parent, f".{out.name}.lock"):
+    with locked(out.parent, f".{out.name}.lock"), provisional(records.with_suffix(".meta.json")):
         claim(records.with_suffix(".meta.json"), ident, extra={"model": str(ref), "seed": seed})
         mdl, processor = ref.get()
         rows = calibrate(mdl, processor, items, Path(audio_dir), records, prompt, max_tokens, progress,
@@ -252,25 +252,51 @@ def discover(model, data: Path, audio_dir: Path, out: Path, *, k: int = 20, limi
     return hs, rows
 
 
+def writable_file(path, option: str):
+    """Refuse (one line, before any model work) an output file whose folder is a file or a path that
+    is a folder; a missing folder is made when the file is written."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise ListenError(f"{option} {path} is a folder, not a file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ListenError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+
+
 def attention_map(model, clip, question: str, *, system: str | None = None, heads: HeadSet | None = None,
-                  json_out: Path | None = None, png: Path | None = None) -> dict:
+                  json_out: Path | None = None, png: Path | None = None, force: bool = False) -> dict:
     """`mlx-listen attention`: every head's audio mass at T for one question (one prefill, logits
     at T only), as a JSON-able dict; written to `json_out` and drawn to `png` when given. `model`:
-    a folder, repo id or loaded pair; the clip and the head set are checked first."""
+    a folder, repo id or loaded pair; the clip, the outputs and the head set are checked first. A
+    head set found on another model is refused unless `force` (then recorded in `warnings`)."""
+    writable_file(json_out, "--json")
+    writable_file(png, "--png")
     feats = as_features(clip)
-    mdl, processor = ModelRef.of(model).get()
+    ref = ModelRef.of(model)
     if heads is not None:
-        heads.check(mdl.n_layers, mdl.n_heads)
+        heads.check(*ref.shape)
+    mdl, processor = ref.get()
+    found = []
+    if heads is not None:
+        found = check_binding(heads.meta or {}, str(heads.path or "the head set"), model=mdl, force=force)
+        for w in found:
+            warnings.warn(w, ListenWarning, stacklevel=2)
     prompt = prepare(mdl, processor, [feats], question, system)
     _, cap = run_with_cache(mdl, prompt, AUDIO_MASS.format("*"))
     mass = cap.audio_mass(prompt.last)
     out = {"layers": int(mass.shape[0]), "heads": int(mass.shape[1]),
            "audio_mass": [[round(float(v), 7) for v in row] for row in mass],
-           "listening": heads.listening(mass) if heads else None, "audio_tokens": prompt.n_audio_tokens}
+           "listening": heads.listening(mass) if heads else None, "audio_tokens": prompt.n_audio_tokens,
+           **({"warnings": found} if found else {})}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(json_out), out)
     if png is not None:
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
         heatmap(mass, Path(png), f"Audio attention mass at the last prompt token ({prompt.n_audio_tokens} audio tokens)",
                 "attention mass on audio", marked=heads.heads if heads else ())
     return out

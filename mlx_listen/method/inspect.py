@@ -36,13 +36,14 @@ from .. import presets
 from ..errors import ListenError, ListenWarning
 from ..eval import mmau
 from ..headset import HeadSet
+from ..identity import check_binding
 from ..interp.lens import exact_delta, lens_of, n_ranked_tokens, norm_eps, tangent, top_tokens
 from ..interp.steering import Silence, direction, read_residuals
 from ..load import ModelRef
 from ..prompt import prepare
 from ..records import file_sha256
 from .direction_stats import ALL, DirectionStats, _cos, _mean_sd
-from .directions import load_vector
+from .directions import load_vector, vector_binding
 from .inspect_report import write_outputs
 
 DEFINITIONS = {
@@ -268,6 +269,12 @@ def inspect_direction(model, processor, *, headset=None, vector=None, items: Seq
     }
     if stats.items and not stats.d_n[ALL]:
         res["notes"] = ["no L* (the vector file names no layers): per-input directions and task cosines omitted"]
+    zero = (res["tasks"] or {}).get("zero_directions", 0)
+    if zero:
+        msg = (f"{zero} of {stats.d_n[ALL]} items gave an all-zero direction (audio and silence identical at L*: "
+               "silent clips?)")
+        res.setdefault("notes", []).append(msg)
+        warnings.warn(msg, ListenWarning, stacklevel=2)
     if src.alpha == 0:
         res.setdefault("notes", []).append("alpha 0: the exact lens is zero and omitted")
     if out is not None:
@@ -277,10 +284,12 @@ def inspect_direction(model, processor, *, headset=None, vector=None, items: Seq
 
 def inspect(source_path, model, data=None, audio_dir=None, out=None, *, limit: int | None = None,
             tasks: Sequence[str] = mmau.TASKS, prompt: str = presets.DEFAULT_PRESET, top_k: int = 20,
-            alpha: float | None = None, progress: bool = True) -> dict:
+            alpha: float | None = None, force: bool = False, progress: bool = True) -> dict:
     """`mlx-listen steer inspect SOURCE`: the files are read and checked before the model loads
-    (`model`: a folder, repo id or loaded pair)."""
+    (`model`: a folder, repo id or loaded pair). A head set or vector found on another model or
+    prompt is refused unless `force` (then recorded in `warnings`)."""
     headset, vec = read_source(source_path)
+    meta = (headset.meta or {}) if headset is not None else vector_binding(source_path)
     if headset is not None and data is None:
         raise ListenError(f"{source_path} gives a per-input direction: it needs --data and --audio-dir")
     if data is not None and audio_dir is None:
@@ -292,12 +301,21 @@ def inspect(source_path, model, data=None, audio_dir=None, out=None, *, limit: i
             raise ListenError(f"{data} has no items of tasks {', '.join(tasks)}")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ListenError(f"--out {out} is a file, not a folder")
+    found = check_binding(meta, str(source_path), prompt=prompt if data is not None else None, force=force,
+                          ids=[it["id"] for it in items] if items else None)
     ref = ModelRef.of(model)
+    if headset is not None:
+        headset.check(*ref.shape)
     mdl, processor = ref.get()
+    found += check_binding(meta, str(source_path), model=mdl, force=force)
+    for w in found:
+        warnings.warn(w, ListenWarning, stacklevel=2)
     res = inspect_direction(mdl, processor, headset=headset, vector=None if vec is None else Path(source_path),
                             items=items, audio_dir=audio_dir, prompt_preset=prompt, top_k=top_k, alpha=alpha,
                             progress=progress)
     res["model"]["path"] = str(ref)
+    if found:
+        res["warnings"] = found
     if data is not None:
         res["data"].update(path=str(data), sha256=file_sha256(data), tasks=list(tasks), limit=limit)
     if out is not None:

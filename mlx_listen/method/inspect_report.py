@@ -79,9 +79,11 @@ def inspect_lines(res: dict, n_tokens: int = 10) -> list[str]:
         names = tk["tasks"]
         lines.append("task cosines (mean directions | per-item mean pairwise, diagonal = within):")
         lines.append("  " + " " * 8 + "".join(f"{t:>9s}" for t in names) + "  |" + "".join(f"{t:>9s}" for t in names))
+        item = tk.get("item_cosine") or []
         for i, t in enumerate(names):
+            row = item[i] if i < len(item) else [None] * len(names)  # every direction zero: no item cosine
             lines.append(f"  {t:8s}" + "".join(_g(x, "{:9.3f}") for x in tk["mean_direction_cosine"][i]) + "  |"
-                         + "".join(_g(x, "{:9.3f}") if x is not None else f"{'-':>9s}" for x in tk["item_cosine"][i]))
+                         + "".join(_g(x, "{:9.3f}") if x is not None else f"{'-':>9s}" for x in row))
         lines.append(f"  per-item cosine: across tasks {_g(tk['item_cosine_across'])}, all pairs {_g(tk['item_cosine_all'])}")
     for note in res.get("notes", []):
         lines.append(f"note: {note}")
@@ -89,7 +91,9 @@ def inspect_lines(res: dict, n_tokens: int = 10) -> list[str]:
 
 
 def write_outputs(res: dict, out: Path):
-    """inspect.json, inspect.txt and the PNGs into `out`."""
+    """inspect.json, inspect.txt and the PNGs into `out` (the text is formed first: a failure there
+    leaves no PNG behind)."""
+    text = "\n".join(inspect_lines(res)) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     files = ["inspect.json", "inspect.txt"]
     pl = res.get("per_layer")
@@ -103,7 +107,7 @@ def write_outputs(res: dict, out: Path):
         files.append("tasks.png")
     res["files"] = files
     write_json(out / "inspect.json", res)
-    write_atomic(out / "inspect.txt", "\n".join(inspect_lines(res)) + "\n")
+    write_atomic(out / "inspect.txt", text)
 
 
 def _mark_layers(fig, path: Path, marked: Sequence[int]):

@@ -34,6 +34,7 @@ from .. import presets
 from ..errors import ListenError, ListenWarning
 from ..eval import mmau
 from ..headset import HeadSet
+from ..identity import check_binding
 from ..interp.patching import GROUPS, HEAD_AT, METRIC, Patch, Patcher, position_groups, shared_prefix, standard_patches
 from ..interp.scoring import option_ids
 from ..interp.steering import Silence
@@ -230,13 +231,14 @@ def plot(summary: dict, out: Path, config: PatchConfig, marked: Sequence[tuple[i
 def patch_run(model, out, *, clip=None, question: str | None = None, system: str | None = None,
               name: str | None = None, data=None, audio_dir=None, tasks: Sequence[str] = mmau.TASKS,
               limit: int | None = None, config: PatchConfig | None = None, heads: HeadSet | None = None,
-              progress: bool = True) -> dict:
+              force: bool = False, progress: bool = True) -> dict:
     """`mlx-listen patch`: one clip (a path, a 16 kHz array or `AudioFeatures`; `name` for the
     record, default the path) and question, or a data set (`data`, MMAU-format, its audio under
     `audio_dir`; `tasks`, `limit`), resumable: one fsync'd record per item in OUT/items.jsonl (an
     item that cannot be used is recorded with its `error`), a rerun of the same model and data
     skips what is done. Writes OUT/patch.json (the summary, and the item itself for one clip) and
-    the two maps (patch.groups.png, patch.heads.png; `heads`, e.g. the specialist heads, boxed).
+    the two maps (patch.groups.png, patch.heads.png; `heads`, e.g. the specialist heads, boxed; a
+    head set found on another model or prompt is refused unless `force`, then recorded).
     `model`: a folder, repo id or loaded pair (`load.ModelRef`); inputs are checked before it loads.
     Returns the summary."""
     cfg = config or PatchConfig()
@@ -257,10 +259,16 @@ def patch_run(model, out, *, clip=None, question: str | None = None, system: str
             raise ListenError(f"no items in {data} for tasks {', '.join(tasks)}")
         identity = {"model_fingerprint": ref.fingerprint(), "data_sha256": file_sha256(data)}
     marked = list(heads.heads) if heads is not None else []
+    if heads is not None:  # the head set against the model's config, and its prompt, before any work
+        heads.check(*ref.shape)
+        found = check_binding(heads.meta or {}, str(heads.path or "the head set"), force=force,
+                              prompt=cfg.preset if clip is None else None)
     with locked(out):
         mdl, processor = ref.get()
         if heads is not None:
-            heads.check(mdl.n_layers, mdl.n_heads)
+            found += check_binding(heads.meta or {}, str(heads.path or "the head set"), model=mdl, force=force)
+            for w in found:
+                warnings.warn(w, ListenWarning, stacklevel=2)
         L, H = mdl.n_layers, mdl.n_heads
         if clip is not None:
             prompt = prepare(mdl, processor, [clip], question, system)
@@ -286,6 +294,8 @@ def patch_run(model, out, *, clip=None, question: str | None = None, system: str
         if clip is not None:
             summary["item"] = rows[0]
         summary["files"] = [p.name for p in plot(summary, out, cfg, marked)]
+        if heads is not None and found:
+            summary["warnings"] = found
         write_json(out / SUMMARY, summary)
     return summary
 

@@ -24,7 +24,7 @@ from ..headset import HeadSet, control_sets, listening
 from ..identity import check_binding
 from ..load import ModelRef
 from ..prompt import prepare
-from ..records import Stage, claim, locked, write_json
+from ..records import Stage, claim, locked, provisional, write_json
 from .heads import calibration_items, plot_listening_split, run_identity, usable
 
 
@@ -200,7 +200,7 @@ def validate_run(headset: HeadSet, model, data: Path, audio_dir: Path, out: Path
                             ids=[it["id"] for it in items], force=force)
     headset.check(*ref.shape)  # from the config: before the folder is bound to anything
     records = out / "items.jsonl"
-    with locked(out):
+    with locked(out), provisional(out / "items.meta.json"):
         claim(out / "items.meta.json", run_identity(ref, data, prompt, max_tokens), extra={"model": str(ref)})
         mdl, processor = ref.get()
         binding += check_binding(headset.meta or {}, str(headset.path or "the head set"), model=mdl, force=force)

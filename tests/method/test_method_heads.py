@@ -291,3 +291,19 @@ def test_heads_target_margin(tiny_gqa, tmp_path):
     mass = np.array([r["audio_mass"] for r in rows])
     l, h = hs.heads[0]
     assert hs.scores[l, h] == pytest.approx(np.corrcoef(mass[:, l, h], y)[0, 1], abs=1e-9)
+
+
+def test_score_plot_title_names_the_score(tmp_path, monkeypatch):
+    """Before: the heads PNG said "Pearson r(audio mass, correct)" under --center task --target margin."""
+    from mlx_listen.method import heads as H
+
+    titles = []
+    monkeypatch.setattr(H, "score_heatmap", lambda s, heads, path, score: titles.append(score))
+    monkeypatch.setattr(H, "plot_listening_split", lambda *a, **k: None)
+    rng = np.random.default_rng(0)
+    rows = [{"audio_mass": rng.random((2, 3)).tolist(), "correct": bool(i % 2)} for i in range(8)]
+    hs = HeadSet([(0, 1)], rng.random((2, 3)), {"score": H.score_name("task", "margin")})
+    H.write_side_files(hs, rows, tmp_path / "HEADS.json", 0)
+    assert titles == ["partial r(audio mass, the correct option's log-prob margin | task, log clip length, "
+                      "log question length)"]
+    assert H.score_name("none") == "Pearson r(audio mass, correct)"
