@@ -29,6 +29,8 @@ def main():
     p.add_argument("--per-kind", type=int, default=4, help="demo items per kind (7 kinds)")
     p.add_argument("--max-tokens", type=int, default=16)
     p.add_argument("--random-sets", type=int, default=3)
+    p.add_argument("--tune", choices=["margin", "accuracy"], default="margin")
+    p.add_argument("--ablate-sets", type=int, default=2)
     p.add_argument("--alphas", default="1,2")
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
@@ -47,14 +49,15 @@ def main():
     data = make_demo_set(work / "demo", n_per_kind=a.per_kind)
     mmau.string_match = lambda answer, prediction, choices: (len(prediction) + len(answer)) % 2 == 0
     alphas = tuple(float(x) for x in a.alphas.split(","))
-    s = Settings(k=a.k, alphas=alphas, random_sets=a.random_sets, max_tokens=a.max_tokens, n_perm=100)
+    s = Settings(k=a.k, alphas=alphas, random_sets=a.random_sets, max_tokens=a.max_tokens, n_perm=100, tune=a.tune,
+                 ablate_sets=a.ablate_sets)
     tic = time.perf_counter()
     run_experiment(s, data, data.parent, model, work / "exp", progress=False)
     total = time.perf_counter() - tic
 
     n_items = len(json.loads(data.read_text()))
-    n_tune = len(alphas) * (2 + a.random_sets)
-    n_test = 2 + a.random_sets + (1 + a.random_sets)  # steering rows + ablations (own prefill each)
+    n_tune = len(alphas) * (3 + a.random_sets)  # specialist, mean vector, random direction, random sets
+    n_test = 3 + a.random_sets + 2 * (1 + min(a.ablate_sets, a.random_sets))  # steering rows + ablations (own prefills)
     rows = []
     for name, path, answers in [("base", work / "exp" / "base.jsonl", 2)] + [
             (f"fold{f} {stage}", work / "exp" / f"fold{f}" / f"{stage}.jsonl", k)
@@ -62,7 +65,7 @@ def main():
         secs = [json.loads(x)["seconds"] for x in path.read_text().splitlines()]
         rows.append((name, len(secs), sum(secs), answers))
     print(f"model: {a.layers} layers, hidden {a.hidden}, {a.heads} heads; {n_items} demo items; "
-          f"max {a.max_tokens} tokens; alphas {alphas}; {a.random_sets} random sets")
+          f"max {a.max_tokens} tokens; alphas {alphas}; {a.random_sets} random sets; tune by {a.tune}")
     print(f"{'stage':<18} {'items':>5} {'s/item':>8} {'answers/item':>13} {'s/answer':>9}")
     for name, n, tot, k in rows:
         per = tot / n if n else 0.0

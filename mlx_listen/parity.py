@@ -38,6 +38,14 @@ HALF_COSINE = 0.999
 HALF_SCALAR_RTOL = 0.02
 QUANT_COSINE = {8: 0.995, 4: 0.95}
 DRIFT_FACTOR = 2.0
+# A scalar that averages a vector quantity is judged against that vector's drift, not its own: the
+# listening score is the mean of the chosen heads' audio masses, so its error is at most the largest
+# per-head error, while transformers' own bf16 error of the mean can cancel to nearly nothing. Judged
+# against its own drift, a port exactly as precise as transformers' bf16 fails whenever its error is
+# over twice transformers' (29% of the time for two equal-size independent errors; measured on two
+# random tiny models, 4 items, 1456 head sets: our per-head error / HF's 1.11 (median), the old limit
+# failed 17.3% of head sets, this one 0%; `python benchmarks/bench_parity_scalar.py`).
+SCALAR_DRIFT = {"listening": "audio_mass"}
 
 
 @dataclass
@@ -178,7 +186,9 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
     return out
 
 
-def _judge(q: str, ours, ref, drift, mode: str, bits: int | None) -> Row:
+def _judge(q: str, ours, ref, drift, mode: str, bits: int | None, drift_basis=None) -> Row:
+    """One quantity of one item. `drift_basis` (drift, ref) replaces the quantity's own drift in its
+    limit: the listening score is judged against the per-head audio-mass drift (see `SCALAR_DRIFT`)."""
     row = Row(q, "")
     if q in ("input_ids", "n_frames"):
         row.ok = np.array_equal(ours, ref)
@@ -206,8 +216,10 @@ def _judge(q: str, ours, ref, drift, mode: str, bits: int | None) -> Row:
         lim = QUANT_COSINE.get(bits, QUANT_COSINE[4])
         row.limit, row.ok = f"cos >= {lim:g}", row.cosine >= lim
     elif drift is not None:
-        lim = DRIFT_FACTOR * float(np.abs(np.asarray(drift, np.float64) - np.asarray(ref, np.float64)).max()) + 1e-6
-        row.limit, row.ok = f"abs <= {DRIFT_FACTOR:g}x HF drift ({lim:.3g})", row.max_abs <= lim
+        d, r = drift_basis if drift_basis is not None else (drift, ref)
+        lim = DRIFT_FACTOR * float(np.abs(np.asarray(d, np.float64) - np.asarray(r, np.float64)).max()) + 1e-6
+        what = "HF per-head mass drift" if drift_basis is not None else "HF drift"
+        row.limit, row.ok = f"abs <= {DRIFT_FACTOR:g}x {what} ({lim:.3g})", row.max_abs <= lim
     elif np.size(ref) == 1:  # a scalar (the listening score): cosine says nothing, judge relative error
         row.limit, row.ok = f"rel <= {HALF_SCALAR_RTOL:g}", row.max_rel <= HALF_SCALAR_RTOL
     else:
@@ -254,7 +266,10 @@ def parity(bundle_path, model_path=None, progress: bool = True) -> Report:
                 unknown.add(q)
                 continue
             drift = bundle.get(i, f"drift.{q}") if fp32_ref and not ours_fp32 else None
-            row = _judge(q, ours[q], bundle.get(i, q), drift, mode, bits)
+            basis = None
+            if q in SCALAR_DRIFT and drift is not None and f"drift.{SCALAR_DRIFT[q]}" in item["quantities"]:
+                basis = (bundle.get(i, f"drift.{SCALAR_DRIFT[q]}"), bundle.get(i, SCALAR_DRIFT[q]))
+            row = _judge(q, ours[q], bundle.get(i, q), drift, mode, bits, basis)
             row.item = item["id"]
             report.rows.append(row)
     report.unchecked = sorted(unknown)

@@ -130,3 +130,38 @@ def test_bad_configs_are_refused(tiny_gqa):
         Steerer(model, SteerConfig(layers=[1], apply_layer=0))
     with pytest.raises(ListenError, match="does not exist"):
         Steerer(model, SteerConfig(layers=[0], apply_layer=5))
+
+
+@pytest.mark.torch
+@pytest.mark.slow
+@pytest.mark.parametrize("at", ["all", "prompt"])
+def test_norm_matched_random_direction_matches_pytorch(tiny, at):
+    """The experiment's random-direction control (a fixed random direction at the norm of each input's
+    own audio-silence direction, `match_norm`) against its PyTorch reference (forward hooks): the
+    direction, the steered logits and greedy tokens through hooks, and the tokens of the shared
+    batched decode (`Answerer`) equal to the hooks' answer."""
+    from mlx_listen.eval.conditions import Answerer, baseline, steered
+    from mlx_listen_convert.reference.controls import run_norm_matched
+
+    clip, layers, alpha = tone(2.5), [0, 1], 2.0
+    model, processor = tiny.mlx
+    v = np.random.default_rng(7).standard_normal(model.hidden_size).astype(np.float32)
+    ref = run_norm_matched(tiny.hf_model, tiny.hf_processor, [clip], Q, layers=layers, vector=v, alpha=alpha, at=at,
+                           max_new_tokens=24)
+    prompt = prepare(model, processor, [clip], Q)
+    cfg = SteerConfig(vector=v, layers=layers, match_norm=True, alpha=alpha, at=at)
+    st = Steerer(model, cfg)
+    d = np.array(st.direction(prompt))
+    own = np.array(Steerer(model, SteerConfig(layers=layers)).direction(prompt))
+    assert np.linalg.norm(d) == pytest.approx(np.linalg.norm(own), rel=1e-5)  # the input's own norm
+    assert np.abs(d - ref["direction"]).max() <= 1e-4 * max(1, np.abs(ref["direction"]).max())
+    with st.applied(prompt):
+        logits = last_logits(model, prompt)
+    assert np.abs(logits - ref["steered_logits_last"]).max() <= 1e-4
+    assert np.abs(logits - last_logits(model, prompt)).max() > 0.05, "the control had no visible effect: a weak test"
+    eos = set(processor.tokenizer.eos_token_ids)
+    hf = ref["steered_greedy_tokens"].tolist()
+    hf = hf[: next((i for i, t in enumerate(hf) if t in eos), len(hf))]
+    assert st.generate(processor, prompt, max_tokens=24).tokens == hf
+    batched = Answerer(model, processor, [baseline(), steered(cfg, "control")], max_tokens=24)(prompt)
+    assert batched["control"].tokens == hf

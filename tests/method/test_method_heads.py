@@ -285,7 +285,7 @@ def test_heads_target_margin(tiny_gqa, tmp_path):
     rows = calibrate(model, processor, items, demo.parent, tmp_path / "H.items.jsonl", "r1-aqa", max_tokens=4,
                      progress=False, margin=True)
     assert all(np.isfinite(r["margin"]) for r in rows)
-    hs = find_heads(rows, 3, {}, target="margin")
+    hs = find_heads(rows, 3, {}, target="margin", center="none")  # 6 items: the pooled score
     assert len(hs.heads) == 3 and "margin" in hs.meta["criterion"]
     y = np.array([r["margin"] for r in rows])
     mass = np.array([r["audio_mass"] for r in rows])
