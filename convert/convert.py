@@ -1,8 +1,10 @@
-"""`mlx-listen convert`: an HF Qwen2-Audio checkpoint → an MLX folder (optionally quantised).
+"""`mlx-listen convert`: an HF checkpoint of any family (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni)
+→ an MLX folder (optionally quantised).
 
 Needs no PyTorch: safetensors load straight into MLX (bf16 included). Only the language model's
 linear layers are quantised; the audio tower and projector keep their dtype (convs cannot be
-quantised and the encoder is 0.64 B parameters, little to save).
+quantised and the encoder is 0.64 B parameters, little to save). What the model does not use is
+left out and said (Qwen2.5-Omni: the talker, token2wav and the vision tower; the thinker is kept).
 
 Memory: the model is loaded lazily, cast and quantised lazily, and then written shard by shard
 the way mlx-lm's `save_model(..., donate_model=True)` does it: the model and the flat weight
@@ -89,6 +91,12 @@ def convert(
     src = resolve(hf_path)
     _refuse_overlap(src, out)
     model, config = load_model(src, lazy=True)
+    family = model.family
+    if model.dropped and progress:
+        n = sum(c for c, _ in model.dropped.values())
+        size = sum(b for _, b in model.dropped.values())
+        parts = ", ".join(f"{p.rstrip('.')}.* ({c})" for p, (c, _) in model.dropped.items())
+        print(f"[INFO] Left out {n} tensors ({size / 1e9:.2f} GB) the model does not use: {parts}", file=sys.stderr)
     if config.get("quantization") and quantize:
         raise ModelError(f"{src} is already quantised")
     if quantize:
@@ -96,6 +104,9 @@ def convert(
 
     config = copy.deepcopy(config)
     config.pop("eos_token_id", None)  # mlx-lm merged it from generation_config.json, copied below
+    for part in ("talker_config", "token2wav_config"):  # Omni: only the thinker is written
+        if config.pop(part, None) is not None:
+            config["enable_audio_output"] = False
     if dtype is not None:
         target = DTYPES[dtype]
         model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
@@ -132,7 +143,7 @@ def convert(
             for f in SIDE_FILES:
                 if (src / f).exists():
                     shutil.copy2(src / f, tmp / f)
-            _model_card(tmp, hf_path, quantize and q_bits)
+            _model_card(tmp, hf_path, quantize and q_bits, family)
             _commit(tmp, dest)
         except BaseException as e:
             with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the cleanup short
@@ -254,10 +265,11 @@ def _evaluate(arrays: list, transient: float, bar):
         raise
 
 
-def _model_card(path: Path, base: str, bits):
+def _model_card(path: Path, base: str, bits, family: str = "qwen2_audio"):
     q = f"{bits}-bit (language model only; audio tower and projector unquantised)" if bits else "not quantised"
+    tag = family.replace("_", "-")
     path.joinpath("README.md").write_text(
-        f"---\nlibrary_name: mlx\nbase_model: {base}\ntags: [mlx, audio, qwen2-audio]\n---\n\n"
+        f"---\nlibrary_name: mlx\nbase_model: {base}\ntags: [mlx, audio, {tag}]\n---\n\n"
         f"Converted from `{base}` with `mlx-listen convert`; quantisation: {q}.\n"
     )
 

@@ -1,12 +1,13 @@
-"""Audio front end: file loading and Whisper-style log-mel features for Qwen2-Audio, in MLX.
+"""Audio files and the Qwen2-Audio front end: file loading (any libsndfile format, any rate, mono 16 kHz out,
+only as much of a file as is used) and `audio_features`, Whisper-style log-mel features of one 30 s window.
 
 Mirrors transformers' WhisperFeatureExtractor(feature_size=128) as the Qwen2-Audio processor calls it
-(padding="max_length", truncation to 30 s). No torch/transformers imports: this runs on bare Macs.
+(padding="max_length", truncation to 30 s). The other families' front ends (`frontend.py`) build on the same
+pieces. No torch/transformers imports: this runs on bare Macs.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import re
@@ -19,16 +20,24 @@ import soundfile as sf
 import soxr
 
 from .errors import AudioError, DamagedAudioWarning, TruncatedAudioWarning
+from .mel import (  # noqa: F401  (the log-mel pieces keep their old home here)
+    CHUNK_FRAMES,
+    CHUNK_SAMPLES,
+    HOP_LENGTH,
+    N_FFT,
+    N_MELS,
+    SAMPLE_RATE,
+    _hann_window,
+    log_mel,
+    mel_filters,
+    num_audio_tokens,
+    num_frames,
+    pad_or_trim,
+)
 
 if TYPE_CHECKING:  # MLX is imported lazily: the MLX-free reference side uses load_audio
     import mlx.core as mx
 
-SAMPLE_RATE = 16000
-N_FFT = 400
-HOP_LENGTH = 160
-N_MELS = 128
-CHUNK_SAMPLES = 480000  # 30 s: Qwen2-Audio's encoder sees one fixed window
-CHUNK_FRAMES = 3000
 WINDOW_SECONDS = CHUNK_SAMPLES / SAMPLE_RATE
 
 # Source samples read past the 30 s a resampled window needs. The resampler's output near the end of its input
@@ -51,7 +60,7 @@ class Audio(np.ndarray):
     name: str | None  # the path it was read from
     duration: float | None  # seconds in the whole file (from its header, or what decoded if it was cut short)
     source_rate: int | None  # the file's own sample rate
-    truncated: bool  # the file is longer than 30 s and only its first 30 s were read (load_audio(..., full=False))
+    truncated: bool  # the file is longer than the window read and only the window was read (load_audio(path, seconds))
     damage: str | None  # why the file is damaged (already warned with DamagedAudioWarning), or None
 
     def __array_finalize__(self, obj):
@@ -79,19 +88,20 @@ class Audio(np.ndarray):
         return self.damage is not None
 
 
-def load_audio(path, full: bool = False) -> Audio:
+def load_audio(path, full: bool = False, seconds: float = WINDOW_SECONDS) -> Audio:
     """Read any libsndfile format (wav, flac, ogg, mp3, ...) as mono float32 at 16 kHz.
 
-    By default only the part Qwen2-Audio's 30 s window uses is decoded (16 kHz sources: the first 480000 samples;
-    other rates: 30 s plus a 1 s margin, resampled, then cut to 480000 samples, bitwise what resampling the whole
-    file would give). The whole file's length still comes from its header (`Audio.duration`, `Audio.truncated`).
-    `full=True` decodes and returns the whole file.
+    Only the part a model uses is decoded: the first `seconds` (default Qwen2-Audio's 30 s window; a family's
+    front end passes its own limit). 16 kHz sources: the first `seconds * 16000` samples; other rates: that much
+    plus a 1 s margin, resampled, then cut, bitwise what resampling the whole file would give. The whole file's
+    length still comes from its header (`Audio.duration`, `Audio.truncated`). `full=True` decodes it all.
 
     A damaged file (its header promises more audio than it holds, or decoding fails part-way) is not an error as
     long as some audio decodes: it gives a `DamagedAudioWarning` and `Audio.damage` says why. An unreadable, empty
     or missing file raises `AudioError`.
     """
     name = os.fspath(path)
+    limit = int(round(seconds * SAMPLE_RATE))  # samples at 16 kHz the caller uses
     if not os.path.exists(name):
         raise AudioError(f"audio file not found: {name}")
     try:
@@ -101,9 +111,9 @@ def load_audio(path, full: bool = False) -> Audio:
     with f:
         sr, frames = int(f.samplerate), max(int(f.frames), 0)
         if sr == SAMPLE_RATE:
-            window = CHUNK_SAMPLES
+            window = limit
         else:
-            window = math.ceil(CHUNK_SAMPLES * sr / SAMPLE_RATE) + math.ceil(RESAMPLE_MARGIN_SECONDS * sr)
+            window = math.ceil(limit * sr / SAMPLE_RATE) + math.ceil(RESAMPLE_MARGIN_SECONDS * sr)
         want = frames if full else min(frames, window)
         data, error = _read_mono(f, want)
         header_damage = _header_shortfall(f.extra_info)
@@ -136,9 +146,9 @@ def load_audio(path, full: bool = False) -> Audio:
         # its ~120 dB (20-bit) stopband is far below the 80 dB range the log-mel clamp keeps, so VHQ buys nothing.
         data = soxr.resample(data, sr, SAMPLE_RATE, quality="HQ")
     # Longer than the window at 16 kHz (soxr's output length is round(n * 16000 / sr)).
-    truncated = not full and round(duration * SAMPLE_RATE) > CHUNK_SAMPLES
+    truncated = not full and round(duration * SAMPLE_RATE) > limit
     if not full:
-        data = data[:CHUNK_SAMPLES]
+        data = data[:limit]
     out = np.ascontiguousarray(data, dtype=np.float32).view(Audio)
     out.name, out.duration, out.source_rate, out.truncated, out.damage = name, duration, sr, truncated, damage
     return out
@@ -189,90 +199,22 @@ def _header_shortfall(log: str) -> float | None:
     return max(data or container) if data or container else None
 
 
-def pad_or_trim(audio: np.ndarray) -> np.ndarray:
-    """Zero-pad or truncate to exactly 30 s (CHUNK_SAMPLES), like the processor's max_length padding."""
-    audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-    if audio.shape[0] >= CHUNK_SAMPLES:
-        return np.ascontiguousarray(audio[:CHUNK_SAMPLES])
-    return np.pad(audio, (0, CHUNK_SAMPLES - audio.shape[0]))
-
-
-def num_frames(n_samples: int) -> int:
-    """Valid (unpadded) mel frames; equals HF's feature_attention_mask.sum() (mask[::160] over 480000 samples)."""
-    n = min(max(int(n_samples), 0), CHUNK_SAMPLES)
-    return -(-n // HOP_LENGTH)
-
-
-def num_audio_tokens(n_frames: int) -> int:
-    """Tokens after the encoder's stride-2 conv and its stride-2 avg-pool (Qwen2-Audio's length formula)."""
-    n = int(n_frames)
-    if n <= 2:  # the formula only reaches 0 here through floor division of negatives; don't rely on it
-        return 0
-    return ((n - 1) // 2 + 1 - 2) // 2 + 1
-
-
-@functools.lru_cache(maxsize=None)
-def _hann_window() -> np.ndarray:
-    # Periodic Hann exactly as torch.hann_window builds it (HF's reference path): the phase n * f32(2*pi/400)
-    # is formed in float32. Its rounding shifts the window by ~2.5e-7, which alone moves the features by ~4e-5,
-    # so an exact float64 window would disagree with HF by more than the STFT's own float32 noise.
-    n = np.arange(N_FFT, dtype=np.float32)
-    phase = n * np.float32(2.0 * np.pi / N_FFT)
-    cos = np.cos(phase.astype(np.float64)).astype(np.float32)
-    return np.float32(0.5) - np.float32(0.5) * cos
-
-
-def _hz_to_mel(f: np.ndarray) -> np.ndarray:
-    # Slaney scale: linear below 1 kHz, logarithmic above.
-    logstep = 27.0 / np.log(6.4)
-    return np.where(f >= 1000.0, 15.0 + np.log(np.maximum(f, 1e-12) / 1000.0) * logstep, 3.0 * f / 200.0)
-
-
-def _mel_to_hz(m: np.ndarray) -> np.ndarray:
-    logstep = np.log(6.4) / 27.0
-    return np.where(m >= 15.0, 1000.0 * np.exp(logstep * (m - 15.0)), 200.0 * m / 3.0)
-
-
-@functools.lru_cache(maxsize=None)
-def mel_filters() -> np.ndarray:
-    """(201, 128) Slaney-scale, Slaney-normalised triangular filterbank over 0-8000 Hz (= librosa's default)."""
-    n_bins = N_FFT // 2 + 1
-    edges = _mel_to_hz(np.linspace(_hz_to_mel(np.float64(0.0)), _hz_to_mel(np.float64(8000.0)), N_MELS + 2))
-    fft_freqs = np.linspace(0, SAMPLE_RATE // 2, n_bins)
-    slopes = edges[None, :] - fft_freqs[:, None]  # (bins, mels + 2)
-    down = -slopes[:, :-2] / np.diff(edges)[:-1]
-    up = slopes[:, 2:] / np.diff(edges)[1:]
-    fb = np.maximum(0.0, np.minimum(down, up))
-    fb *= 2.0 / (edges[2:] - edges[:-2])  # equal area per filter
-    return fb.astype(np.float32)
-
-
-def log_mel(audio: np.ndarray) -> mx.array:
-    """(128, 3000) float32 log-mel of the clip padded/truncated to 30 s, as WhisperFeatureExtractor computes it."""
-    import mlx.core as mx  # here, not at the top: the MLX-free reference side imports load_audio
-
-    # Pad to 30 s *before* the STFT (as HF does): the padding changes the last frames and the global max.
-    x = np.pad(pad_or_trim(audio), N_FFT // 2, mode="reflect")  # torch.stft(center=True) reflect padding
-    x = mx.array(x)
-    frames = mx.as_strided(x, shape=(CHUNK_FRAMES, N_FFT), strides=(HOP_LENGTH, 1))  # drops STFT frame 3001, as HF
-    spec = mx.fft.rfft(frames * mx.array(_hann_window()), axis=-1)  # (3000, 201)
-    power = mx.square(mx.abs(spec))
-    mel = power @ mx.array(mel_filters())  # (3000, 128)
-    logm = mx.log10(mx.maximum(mel, 1e-10))
-    # Clamp to 80 dB below the loudest value of the whole padded window, then rescale to about [-1, 1].
-    logm = mx.maximum(logm, mx.max(logm) - 8.0)
-    return ((logm + 4.0) / 4.0).T.astype(mx.float32)
-
-
 @dataclass
 class AudioFeatures:
-    mel: mx.array  # (128, 3000)
-    n_frames: int  # valid frames (feature_attention_mask.sum())
+    """One clip's front-end output: its log-mel and the lengths the prompt and the encoder need.
+
+    `mel` is (128, F): Qwen2-Audio's one 30 s window (3000 frames, valid ones first); Qwen2.5-Omni's valid
+    frames of one spectrogram; Audio Flamingo 3's windows side by side, 3000 frames each, with `windows`
+    giving each window's valid frames. `valid()` is every valid frame, in order (what a bundle records)."""
+
+    mel: mx.array
+    n_frames: int  # valid frames in all (feature_attention_mask.sum())
     n_tokens: int  # audio tokens the encoder produces for this clip
-    duration: float  # seconds of the whole input (the file, per its header, or the array), before the 30 s cut
-    truncated: bool  # the input is longer than 30 s: the encoder sees only its first 30 s
-    seconds_used: float | None = None  # seconds the encoder sees (<= 30): what stats lines should call "Audio"
+    duration: float  # seconds of the whole input (the file, per its header, or the array), before any cut
+    truncated: bool  # the input is longer than the family's limit: the encoder sees only its start
+    seconds_used: float | None = None  # seconds the encoder sees: what stats lines should call "Audio"
     damage: str | None = None  # why the source file is damaged (see load_audio), or None
+    windows: tuple[int, ...] = ()  # windowed front ends: valid frames of each 3000-frame window of `mel`
 
     def __post_init__(self):
         if self.seconds_used is None:
@@ -282,38 +224,60 @@ class AudioFeatures:
     def damaged(self) -> bool:
         return self.damage is not None
 
+    def pieces(self) -> list[tuple[mx.array, int]]:
+        """(log-mel, valid frames) of each piece the encoder runs on alone (one, or each window)."""
+        if not self.windows:
+            return [(self.mel, self.n_frames)]
+        return [(self.mel[:, w * CHUNK_FRAMES:(w + 1) * CHUNK_FRAMES], n) for w, n in enumerate(self.windows)]
+
+    def valid(self) -> mx.array:
+        """(128, n_frames): every valid frame, pieces concatenated on time."""
+        import mlx.core as mx
+
+        parts = [m[:, :n] for m, n in self.pieces()]
+        return parts[0] if len(parts) == 1 else mx.concatenate(parts, axis=1)
+
     def to_dict(self) -> dict:
         """The facts about the clip (no features), JSON-ready: what a run stores per item."""
         return {"audio_seconds": round(self.duration, 6), "audio_seconds_used": round(self.seconds_used, 6),
                 "audio_tokens": self.n_tokens, "audio_truncated": self.truncated, "audio_damage": self.damage}
 
 
-def audio_features(audio: np.ndarray, name: str | None = None) -> AudioFeatures:
-    """Features plus the lengths the prompt needs; rejects clips too short to yield a single audio token.
-
-    `audio` is 16 kHz mono: a plain array (its length is its duration) or `load_audio`'s `Audio`, whose file
-    facts (whole-file duration, truncation, damage) carry over. A clip over 30 s gives a `TruncatedAudioWarning`
-    (damage was already warned about by `load_audio`, so it is only recorded).
-    """
+def clip_facts(audio: np.ndarray, name: str | None, limit: int) -> tuple[np.ndarray, str, float, bool, str | None]:
+    """The part of a 16 kHz mono clip a front end uses (its first `limit` samples), checked (mono, finite), with
+    the clip's name, whole duration, whether it was cut and why its file is damaged. `audio` is a plain array (its
+    length is its duration) or `load_audio`'s `Audio`, whose file facts (whole-file duration, truncation, damage)
+    carry over."""
     facts = audio if isinstance(audio, Audio) else None
     name = name or (facts.name if facts is not None else None) or "audio"
     audio = np.asarray(audio, dtype=np.float32)
     if audio.ndim != 1:
         raise AudioError(f"{name}: expected mono 1-D audio, got shape {audio.shape}")
-    window = audio[:CHUNK_SAMPLES]  # all the encoder sees; the rest of a long array is not checked or copied
-    if not np.isfinite(window).all():
+    used = audio[:limit]  # all the encoder sees; the rest of a long array is not checked or copied
+    if not np.isfinite(used).all():
         raise AudioError(f"{name}: audio contains NaN or infinite samples")
     n = audio.shape[0]
-    duration, truncated, damage = n / SAMPLE_RATE, n > CHUNK_SAMPLES, None
+    duration, truncated, damage = n / SAMPLE_RATE, n > limit, None
     if facts is not None and facts.duration is not None:
         duration, truncated, damage = facts.duration, truncated or facts.truncated, facts.damage
+    return used, name, duration, truncated, damage
+
+
+def too_short(name: str, n: int) -> AudioError:
+    return AudioError(f"{name}: clip too short ({n} samples, {n / SAMPLE_RATE:.3f} s); "
+                      f"need more than {2 * HOP_LENGTH} samples (> {2 * HOP_LENGTH / SAMPLE_RATE:.2f} s at 16 kHz)")
+
+
+def audio_features(audio: np.ndarray, name: str | None = None) -> AudioFeatures:
+    """Qwen2-Audio's front end: features plus the lengths the prompt needs; rejects clips too short to yield a
+    single audio token. A clip over 30 s gives a `TruncatedAudioWarning` (damage was already warned about by
+    `load_audio`, so it is only recorded)."""
+    window, name, duration, truncated, damage = clip_facts(audio, name, CHUNK_SAMPLES)
+    n = np.shape(audio)[0]
     n_frames = num_frames(n)
     n_tokens = num_audio_tokens(n_frames)
     if n_tokens == 0:
-        raise AudioError(
-            f"{name}: clip too short ({n} samples, {n / SAMPLE_RATE:.3f} s); "
-            f"need more than {2 * HOP_LENGTH} samples (> {2 * HOP_LENGTH / SAMPLE_RATE:.2f} s at 16 kHz)"
-        )
+        raise too_short(name, n)
     if truncated:
         warnings.warn(f"{name}: {duration:.1f} s clip truncated to its first 30 s (Qwen2-Audio's window)",
                       TruncatedAudioWarning, stacklevel=2)

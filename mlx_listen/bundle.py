@@ -66,23 +66,16 @@ def sketch(x: np.ndarray) -> np.ndarray:
 
 
 def config_hash(config: dict) -> str:
-    """Hash of the architecture-defining config fields, insensitive to format (4.x/5.x) and dtype."""
-    c = model_config(config)
-    t, a = c.text_config, c.audio_config
-    ident = {
-        "text": [t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
-                 t.num_key_value_heads, t.rms_norm_eps, float(t.rope_theta), t.tie_word_embeddings],
-        "audio": [a.num_mel_bins, a.encoder_layers, a.encoder_attention_heads, a.encoder_ffn_dim, a.d_model,
-                  a.max_source_positions],
-        "audio_token_index": c.audio_token_index,
-    }
+    """Hash of the architecture-defining config fields (the family's `identity()`), insensitive to format
+    (4.x/5.x) and dtype."""
+    ident = model_config(config).identity()
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# Weight fingerprint: a leading block of each of a few projection matrices (the decoder's first and
-# last layers, the encoder's first and last layers, the projector, the embeddings and the head),
-# recorded raw in float32 under `manifest["model"]["fingerprint"]`, with the block's bounds under
-# `manifest["model"]["fingerprint_slices"]` ({name: [[start, stop], ...]}, hub names and layout).
+# Weight fingerprint: a leading block of each of a few projection matrices (the family's
+# `fingerprint_slices()`, `models.base.fingerprint_blocks`), recorded raw in float32 under
+# `manifest["model"]["fingerprint"]`, with the block's bounds under `manifest["model"]["fingerprint_slices"]`
+# ({name: [[start, stop], ...]}, module-tree names, torch layout; the reference side maps them to its own).
 # Projections are what differs between checkpoints: norm weights (ones) and biases (zeros) of fresh
 # checkpoints are identical, which made the first fingerprint useless. The checker compares each
 # tensor's block after centring (`parity.check_identity`): a converted, cast or quantised copy of
@@ -107,19 +100,8 @@ FINGERPRINT_SLICES = LEGACY_FINGERPRINT_SLICES  # the old name (kept for importe
 
 
 def fingerprint_slices(config: dict) -> dict[str, tuple[slice, ...]]:
-    """The tensors (hub names) and blocks a new bundle fingerprints, for a model of this config."""
-    c = model_config(config)
-    t, a = c.text_config, c.audio_config
-    block = tuple(slice(0, n) for n in FINGERPRINT_BLOCK)
-    out = {"language_model.model.embed_tokens.weight": LEGACY_FINGERPRINT_SLICES["language_model.model.embed_tokens.weight"]}
-    if not t.tie_word_embeddings:
-        out["language_model.lm_head.weight"] = LEGACY_FINGERPRINT_SLICES["language_model.lm_head.weight"]
-    for layer in sorted({0, t.num_hidden_layers - 1}):
-        out.update({f"language_model.model.layers.{layer}.{p}.weight": block for p in DECODER_PROJECTIONS})
-    for layer in sorted({0, a.encoder_layers - 1}):
-        out.update({f"audio_tower.layers.{layer}.{p}.weight": block for p in ENCODER_PROJECTIONS})
-    out["multi_modal_projector.linear.weight"] = block
-    return out
+    """The tensors (module-tree names) and blocks a new bundle fingerprints, for a model of this config."""
+    return model_config(config).fingerprint_slices()
 
 
 def slices_to_json(idx: tuple[slice, ...]) -> list[list[int]]:

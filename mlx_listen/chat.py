@@ -1,9 +1,14 @@
-"""The chat template and `<|AUDIO|>` expansion, token for token as HF's processor (MLX-free).
+"""The chat template and the audio placeholder's expansion, token for token as HF's processors (MLX-free).
 
-`Qwen2AudioProcessor` renders the chat template (the hub repos ship none, so its built-in
-default applies), replaces the i-th `<|AUDIO|>` with one copy per audio token of the i-th clip,
-then tokenises. We do the same; a folder that ships its own template (`chat_template.jinja`,
-`chat_template.json` or `tokenizer_config.json`) has it used instead, through the tokenizer.
+Every family's processor renders the folder's chat template, replaces the i-th audio placeholder
+(the family's: `<|AUDIO|>` for Qwen2-Audio and Qwen2.5-Omni, `<sound>` for Audio Flamingo 3) with
+one copy per audio token of the i-th clip, then tokenises. We do the same, through the tokenizer,
+with the template the folder ships (`chat_template.jinja`, `chat_template.json`,
+`processor_config.json` or `tokenizer_config.json`). Where the template puts each clip's
+placeholder (Qwen2-Audio: `Audio 1: <|audio_bos|>…<|audio_eos|>\n` before the text; Omni:
+`<|audio_bos|>…<|audio_eos|>` then the text; AF3: one `<sound>` before the turn's text) is the
+template's business, never ours. Only Qwen2-Audio's hub repos ship no template: its processor's
+built-in default applies (`render_default`).
 """
 
 from __future__ import annotations
@@ -63,14 +68,22 @@ def find_chat_template(path: Path) -> str | None:
 
 
 class Processor:
-    """Tokenizer + chat template: messages and per-clip audio-token counts → input ids."""
+    """Tokenizer + chat template: messages and per-clip audio-token counts → input ids.
 
-    def __init__(self, tokenizer, chat_template: str | None = None):
+    `placeholder`: the family's audio token; `family`: its name for messages. Without a template only
+    Qwen2-Audio renders (its processor's built-in default); any other family needs the folder's."""
+
+    def __init__(self, tokenizer, chat_template: str | None = None, placeholder: str = AUDIO,
+                 family: str = "Qwen2-Audio", builtin: bool = True):
         self.tokenizer = tokenizer  # mlx-lm TokenizerWrapper (streaming detokenizer, eos ids)
         self.chat_template = chat_template
-        self.audio_token_id = tokenizer.convert_tokens_to_ids(AUDIO)
+        self.placeholder, self.family = placeholder, family
+        if chat_template is None and not builtin:
+            raise ListenError(f"the model folder ships no chat template ({family} has no built-in one); copy "
+                              "chat_template.jinja (or chat_template.json) from the original checkpoint")
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(placeholder)
         if self.audio_token_id is None or self.audio_token_id == getattr(tokenizer, "unk_token_id", None):
-            raise ListenError(f"the tokenizer has no {AUDIO} token: not a Qwen2-Audio tokenizer (wrong or "
+            raise ListenError(f"the tokenizer has no {placeholder} token: not a {family} tokenizer (wrong or "
                               "incomplete tokenizer files?)")
 
     def render(self, messages: Sequence[dict]) -> str:
@@ -84,14 +97,15 @@ class Processor:
             raise ListenError(f"the model's chat template cannot be rendered ({type(e).__name__}: {e})") from None
 
     def encode(self, messages: Sequence[dict], audio_tokens: Sequence[int]) -> list[int]:
-        """Render, expand the i-th `<|AUDIO|>` to `audio_tokens[i]` copies, tokenise."""
+        """Render, expand the i-th audio placeholder to `audio_tokens[i]` copies, tokenise."""
         text = self.render(messages)
-        parts = text.split(AUDIO)
+        parts = text.split(self.placeholder)
         if len(parts) - 1 != len(audio_tokens):
-            raise ListenError(
-                f"the prompt has {len(parts) - 1} audio placeholders but {len(audio_tokens)} clips were given"
-            )
-        expanded = parts[0] + "".join(AUDIO * n + p for n, p in zip(audio_tokens, parts[1:]))
+            one = (f" ({self.family}'s chat template places one audio placeholder per turn)"
+                   if len(parts) == 2 and len(audio_tokens) > 1 else "")
+            raise ListenError(f"the prompt has {len(parts) - 1} audio placeholders but {len(audio_tokens)} clips "
+                              f"were given{one}")
+        expanded = parts[0] + "".join(self.placeholder * n + p for n, p in zip(audio_tokens, parts[1:]))
         return list(self.tokenizer.encode(expanded, add_special_tokens=True))
 
     def decode(self, ids: Sequence[int]) -> str:

@@ -23,6 +23,7 @@ from .bundle import (
     slices_to_json,
 )
 from .errors import ListenError
+from .models import FAMILIES
 
 MAX_REL = 0.5  # per-tensor relative error of the centred blocks; same model <= 0.12 (4-bit), others >= 1.2
 MIN_SPREAD = 0.05  # a block whose centred spread is under 5% of its size is (nearly) constant: unusable
@@ -49,7 +50,7 @@ def weight(model, name: str) -> mx.array:
 def model_signature(model) -> dict:
     config = model.config.raw
     slices = fingerprint_slices(config)
-    return {"config_hash": config_hash(config),
+    return {"family": model.family, "config_hash": config_hash(config),
             "fingerprint": {n: fingerprint_values(np.array(weight(model, n)[idx].astype(mx.float32)))
                             for n, idx in slices.items()},
             "fingerprint_slices": {n: slices_to_json(idx) for n, idx in slices.items()}}
@@ -118,11 +119,15 @@ def same_model(signature: dict, model) -> tuple[bool, str]:
 
 
 def check_binding(meta: dict, what: str, *, model=None, prompt: str | None = None, ids=None,
-                  force: bool = False) -> list[str]:
+                  force: bool = False, family: str | None = None) -> list[str]:
     """Refuse (ListenError) a head set / vector made for another model or prompt unless `force`;
-    return the warnings to show and record (forced mismatches, overlap with its calibration items)."""
+    return the warnings to show and record (forced mismatches, overlap with its calibration items).
+    One made on another family (`family`, or `model`'s) is refused even with `force`: its heads and
+    directions mean nothing in another model; `family` alone (a `ModelRef.family`) checks that before
+    the model loads."""
     warnings = []
     problems = []
+    check_family(meta, what, family if model is None else model.family)
     if model is not None:
         sig = meta.get("model_signature")
         if sig is None:
@@ -146,3 +151,17 @@ def check_binding(meta: dict, what: str, *, model=None, prompt: str | None = Non
             warnings.append(f"{len(overlap)} of these {len(set(ids))} items were used to find {what} (e.g. "
                             f"{overlap[0]}): results on them are not held out and overstate its effect")
     return warnings
+
+
+def check_family(meta: dict, what: str, family: str | None) -> None:
+    """ListenError if `meta`'s model signature names another family than `family` (None: unknown, no check)."""
+    sig = meta.get("model_signature") if isinstance(meta, dict) else None
+    other = sig.get("family") if isinstance(sig, dict) else None
+    if family is not None and other is not None and other != family:
+        raise ListenError(f"{what} was found on {_family_name(other)}; this model is {_family_name(family)}: head "
+                          "sets and steering vectors do not carry over between model families")
+
+
+def _family_name(model_type: str) -> str:
+    f = FAMILIES.get(model_type)
+    return f"a {f.name} model ({model_type})" if f else f"a {model_type!r} model"

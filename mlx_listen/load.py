@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import struct
 from pathlib import Path
@@ -24,7 +25,7 @@ from mlx_lm.utils import load_model as mlx_lm_load_model
 
 from .chat import Processor, find_chat_template, messages_for
 from .errors import ListenError, ModelError
-from .models import DEFAULT_MODEL, classes, model_config
+from .models import DEFAULT_MODEL, classes, family, family_if_known, front_end, model_config  # noqa: F401
 from .models.base import AudioLM
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "tokenizer.model"]
@@ -111,7 +112,16 @@ def load_model(path: Path, lazy: bool = False) -> tuple[AudioLM, dict]:
     if not lazy:
         mx.eval(model.parameters())
     model.path = path  # where it came from (a plain attribute: not a parameter)
+    model.front_end = folder_front_end(path, config)
     return model, config
+
+
+def folder_front_end(path: Path, config: dict):
+    """The family's audio front end from the folder's config and processor files (no weights needed)."""
+    try:
+        return front_end(config, path)
+    except (ValueError, TypeError, ListenError) as e:
+        raise ModelError(f"{path}: cannot set up the audio front end ({_short(e)})") from None
 
 
 def model_shape(path_or_repo: str | Path) -> tuple[int, int]:
@@ -130,15 +140,24 @@ def load_processor(path: Path, config: dict) -> Processor:
     if not (path / "tokenizer.json").exists() and not (path / "vocab.json").exists():
         raise ModelError(f"{path} has no tokenizer (tokenizer.json, or vocab.json and merges.txt); "
                          "copy the tokenizer files from the original checkpoint")
+    hf_log = logging.getLogger("transformers")  # the library's root logger (no import of transformers here)
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # its config checks of parts we never run (Omni's talker) are noise here
     try:
         tok = load_tokenizer(path, eos_token_ids=eos)
     except Exception as e:
         raise ModelError(f"{path}: cannot load the tokenizer ({_short(e)})") from None
+    finally:
+        hf_log.setLevel(level)
     try:
         template = find_chat_template(path)
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise ModelError(f"{path}: cannot read the chat template ({_short(e)})") from None
-    processor = Processor(tok, template)
+    fam = family(config)
+    try:
+        processor = Processor(tok, template, placeholder=fam.placeholder, family=fam.name, builtin=fam.builtin_template)
+    except ListenError as e:
+        raise ModelError(f"{path}: {e}") from None
     try:  # a broken template must stop here, not fail every item of a run
         processor.render(messages_for("test", 1))
     except ListenError as e:
@@ -216,6 +235,29 @@ class ModelRef:
         if self._loaded is not None:
             return self._loaded[0].n_layers, self._loaded[0].n_heads
         return model_shape(self.spec)
+
+    @property
+    def family(self) -> str:
+        """The family's `model_type` (`models.FAMILIES`), from the config alone."""
+        if self._loaded is not None:
+            return self._loaded[0].family
+        return family(self._config()).model_type
+
+    @property
+    def front_end(self):
+        """The family's audio front end, from the config alone: clips are checked before the model loads."""
+        if self._loaded is not None:
+            return self._loaded[0].front_end
+        return folder_front_end(self.path, self._config())
+
+    def _config(self) -> dict:
+        path = self.path
+        config = read_config(path)
+        try:
+            model_config(config)
+        except ValueError as e:
+            raise ModelError(f"{path}: {e}") from None
+        return config
 
     def fingerprint(self) -> str:
         return weights_fingerprint(self.path)

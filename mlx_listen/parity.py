@@ -21,7 +21,6 @@ from tqdm import tqdm
 
 from . import identity
 from .answers import generate
-from .audio import audio_features, load_audio
 from .bundle import QUANTITIES, Bundle, BundleError, config_hash, load_bundle, sketch
 from .chat import messages_for
 from .errors import ListenError
@@ -148,7 +147,7 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
         raise ListenError(f"item {item['id']}: audio {path} is missing from the bundle")
     if file_sha256(path) != item["audio_sha256"]:
         raise ListenError(f"item {item['id']}: audio {path} differs from the one the reference used")
-    feats = audio_features(load_audio(path), str(path))
+    feats = model.front_end.features(model.front_end.load(path), str(path))
     msgs = messages_for(item["question"], 1, item.get("system"))
     if processor.render(msgs) != item["prompt"]:
         raise ListenError(f"item {item['id']}: the bundle was made with another prompt format (chat template); "
@@ -163,7 +162,7 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
     out = {
         "input_ids": np.array(prompt.ids, np.int32),
         "n_frames": np.array([feats.n_frames], np.int32),
-        "features": f32(feats.mel[:, : feats.n_frames]),
+        "features": f32(feats.valid()),
         "encoder_sketch": sketch(f32(enc)), "encoder_norms": np.linalg.norm(f32(enc), axis=-1),
         "projector_sketch": sketch(f32(proj)), "projector_norms": np.linalg.norm(f32(proj), axis=-1),
         "hidden_last": np.stack([f32(cap.resid(l, T)) for l in range(model.n_layers)]),

@@ -1,8 +1,9 @@
 """A prepared prompt: token ids, the audio run through the tower and projector once, and the
 merged input embeddings that the decoder reads.
 
-`prepare` is the one place audio meets text: clips → log-mel → audio tower → projector, the
-question → chat template → ids, then the projected audio written over the `<|AUDIO|>` runs.
+`prepare` is the one place audio meets text: clips → the family's front end (reading, windows,
+log-mel) → audio tower → projector, the question → chat template → ids, then the projected audio
+written over the placeholder runs.
 Everything downstream (answers, capture, steering, patching, scoring) starts from a `Prompt`.
 """
 
@@ -15,7 +16,7 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .audio import AudioFeatures, audio_features, load_audio
+from .audio import AudioFeatures
 from .chat import Processor, messages_for
 from .errors import ListenError
 
@@ -45,28 +46,33 @@ class Prompt:
 
     @property
     def audio_seconds_used(self) -> float:
-        """What the encoder saw (each clip's first 30 s at most)."""
+        """What the encoder saw (each clip up to the family's limit)."""
         return sum(c.seconds_used for c in self.clips)
 
 
-def as_features(clip, name: str | None = None) -> AudioFeatures:
-    """A path, a 16 kHz float array, or ready `AudioFeatures`."""
+def as_features(clip, name: str | None = None, front=None) -> AudioFeatures:
+    """A path, a 16 kHz float array, or ready `AudioFeatures`, through `front` (a model's `front_end`;
+    default Qwen2-Audio's)."""
     if isinstance(clip, AudioFeatures):
         return clip
+    if front is None:
+        from .frontend import Window
+
+        front = Window()
     if isinstance(clip, np.ndarray):
-        return audio_features(clip, name)
-    return audio_features(load_audio(clip), name or str(clip))
+        return front.features(clip, name)
+    return front.features(front.load(clip), name or str(clip))
 
 
 def prepare(model, processor: Processor, clips: Sequence, question: str, system: str | None = None) -> Prompt:
-    """Audio → features → encoder/projector; prompt → ids; merge. One call per question."""
-    feats = [as_features(c) for c in clips]
+    """Audio → the family's features → encoder/projector; prompt → ids; merge. One call per question."""
+    feats = [as_features(c, front=model.front_end) for c in clips]
     ids = processor.encode(messages_for(question, len(feats), system), [f.n_tokens for f in feats])
     limit = model.max_positions
     if len(ids) >= limit:
         raise ListenError(f"the prompt is {len(ids)} tokens, over the model's context of {limit}")
     tic = time.perf_counter()
-    enc, audio = zip(*[model.encode(f.mel, f.n_frames) for f in feats]) if feats else ((), ())
+    enc, audio = zip(*[model.encode(f) for f in feats]) if feats else ((), ())
     enc, audio = list(enc), list(audio)
     mx.eval(enc, audio)
     encode_seconds = time.perf_counter() - tic

@@ -39,6 +39,38 @@ def tiny_gqa(request, tiny_root) -> Tiny:
     return tiny_model(tiny_root, "gqa")
 
 
+@pytest.fixture(scope="session", params=["af3-gqa", "af3-mha", "omni-gqa", "omni-mha"])
+def fam(request, tiny_root):
+    """Each tiny Audio Flamingo 3 and Qwen2.5-Omni variant (`support.families`), built once."""
+    from support.families import family_model
+
+    return family_model(tiny_root, request.param)
+
+
+@pytest.fixture(scope="session")
+def af3(tiny_root):
+    from support.families import family_model
+
+    return family_model(tiny_root, "af3-gqa")
+
+
+@pytest.fixture(scope="session")
+def omni(tiny_root):
+    from support.families import family_model
+
+    return family_model(tiny_root, "omni-gqa")
+
+
+@pytest.fixture(scope="session", params=["qwen2_audio", "audioflamingo3", "qwen2_5_omni"])
+def every_family(request, tiny_root):
+    """One tiny checkpoint of each family (Qwen2-Audio's GQA one, `af3-gqa`, `omni-gqa`)."""
+    from support.families import family_model
+
+    if request.param == "qwen2_audio":
+        return tiny_model(tiny_root, "gqa")
+    return family_model(tiny_root, {"audioflamingo3": "af3-gqa", "qwen2_5_omni": "omni-gqa"}[request.param])
+
+
 @pytest.fixture(scope="session")
 def hf_eager(tiny):
     """`(model, processor)`: transformers' model of `tiny` with eager attention (it returns its

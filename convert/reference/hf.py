@@ -1,6 +1,11 @@
-"""The PyTorch reference: run transformers' Qwen2-Audio on the same inputs and keep every number
-the MLX side computes (features, encoder and projector outputs, each decoder layer's output,
-logits, greedy tokens), as numpy arrays.
+"""The PyTorch reference: run transformers' model of each family (Qwen2-Audio, Audio Flamingo 3, the
+Qwen2.5-Omni thinker) on the same inputs and keep every number the MLX side computes (features,
+encoder and projector outputs, each decoder layer's output, logits, greedy tokens), as numpy arrays.
+
+Per family (`FAMILY`): the transformers class and how it is loaded, the name of its feature mask, the
+modules whose outputs are the "encoder" and "projector" stages (Omni: `ln_post` and `proj` inside its
+tower, whose outputs are the valid tokens already), and its in-memory weight names. Everything else
+(the decoder at `model.model.language_model`, `lm_head`, the processor call) is the same for all three.
 
 Needs the `reference` extra (torch, transformers). Used by the parity tests and the reference run;
 the interventions' references are `ablation`, `patching` and `lens` beside this module.
@@ -48,15 +53,59 @@ def revision_of(path_or_repo) -> str | None:
     return p.name if p.parent.name == "snapshots" else None
 
 
+# model_type (config.json) -> (in-memory model_type, transformers class, feature-mask key, stage modules,
+# MLX module-tree prefix -> transformers' in-memory prefix)
+FAMILY = {
+    "qwen2_audio": dict(kind="qwen2_audio", cls="Qwen2AudioForConditionalGeneration", mask="feature_attention_mask",
+                        encoder="model.audio_tower", projector="model.multi_modal_projector", flat=False),
+    "audioflamingo3": dict(kind="audioflamingo3", cls="AudioFlamingo3ForConditionalGeneration",
+                           mask="input_features_mask", encoder="model.audio_tower",
+                           projector="model.multi_modal_projector", flat=False),
+    "qwen2_5_omni": dict(kind="qwen2_5_omni_thinker", cls="Qwen2_5OmniThinkerForConditionalGeneration",
+                         mask="feature_attention_mask", encoder="model.audio_tower.ln_post",
+                         projector="model.audio_tower.proj", flat=True),
+}
+IN_MEMORY = [
+    ("language_model.model.", "model.language_model."),
+    ("language_model.lm_head.", "lm_head."),
+    ("audio_tower.", "model.audio_tower."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+]
+
+
+def family_of(model) -> dict:
+    """The `FAMILY` entry of a loaded transformers model."""
+    kind = model.config.model_type
+    return next(f for f in FAMILY.values() if f["kind"] == kind)
+
+
+def model_type_of(path) -> str | None:
+    import json
+    from pathlib import Path
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError):
+        return None
+
+
 def load_hf(path, dtype: str = "float32", device: str | None = None, attn: str = "sdpa"):
-    """`attn="eager"` makes `run` also record the per-head attention mass on the audio."""
+    """`(model, processor)` of a transformers checkpoint of any family (Omni: its thinker, as a hub
+    checkpoint is loaded); `attn="eager"` makes `run` also record the per-head attention mass on the audio."""
     import torch
-    from transformers import AutoProcessor, Qwen2AudioForConditionalGeneration
+    import transformers
+    from transformers import AutoProcessor
 
     path = resolve_hf(path)
-    model = Qwen2AudioForConditionalGeneration.from_pretrained(
-        path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attn
-    ).to(pick_device(device)).eval()
+    kind = model_type_of(path) or "qwen2_audio"
+    torch_dtype = getattr(torch, TORCH_DTYPES[dtype])
+    if kind == "qwen2_5_omni":
+        from .tiny_families import load_omni
+
+        model, processor = load_omni(path, dtype=torch_dtype, attn=attn)
+        return model.to(pick_device(device)).eval(), processor
+    cls = getattr(transformers, FAMILY[kind]["cls"])
+    model = cls.from_pretrained(path, dtype=torch_dtype, attn_implementation=attn).to(pick_device(device)).eval()
     return model, AutoProcessor.from_pretrained(path)
 
 
@@ -68,20 +117,43 @@ def hf_inputs(processor, clips: Sequence[np.ndarray], question: str, system: str
     return processor(text=text, audio=list(clips), sampling_rate=16000, return_tensors="pt")
 
 
+def module(model, dotted: str):
+    for part in dotted.split("."):
+        model = getattr(model, part)
+    return model
+
+
+def stage_output(out):
+    """A hooked module's output as a tensor (the tower returns a model output)."""
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+
+
+def valid_tokens(x, mask, flat: bool):
+    """The kept audio tokens of every clip (every window for AF3), concatenated, as float32 numpy: rows of
+    (rows, 750, d) cut to each row's valid length; Omni's stages hold the valid tokens already."""
+    import torch
+
+    if flat:
+        return x.float().cpu().numpy()
+    n_tok = [((n - 1) // 2 + 1 - 2) // 2 + 1 for n in mask.sum(-1).tolist()]
+    return torch.cat([x[i, :n] for i, n in enumerate(n_tok)]).float().cpu().numpy()
+
+
 def run(model, processor, clips: Sequence[np.ndarray], question: str, system: str | None = None,
         max_new_tokens: int = 0) -> dict[str, np.ndarray]:
     """Every stage's output for one prompt, as float32/int numpy arrays (batch dim dropped)."""
     import torch
 
+    fam = family_of(model)
     inputs = hf_inputs(processor, clips, question, system).to(model.device)
     features = inputs["input_features"].float().cpu().numpy()  # the extractor's fp32 output
     inputs["input_features"] = inputs["input_features"].to(model.dtype)
     lm = model.model.language_model
     grabbed: dict[str, object] = {}
     hooks = [
-        model.model.audio_tower.register_forward_hook(
-            lambda m, a, o: grabbed.__setitem__("encoder", o.last_hidden_state)),
-        model.model.multi_modal_projector.register_forward_hook(
+        module(model, fam["encoder"]).register_forward_hook(
+            lambda m, a, o: grabbed.__setitem__("encoder", stage_output(o))),
+        module(model, fam["projector"]).register_forward_hook(
             lambda m, a, o: grabbed.__setitem__("projector", o)),
     ]
     layer_out: list = []
@@ -96,18 +168,13 @@ def run(model, processor, clips: Sequence[np.ndarray], question: str, system: st
         for h in hooks:
             h.remove()
 
-    n_frames = inputs["feature_attention_mask"].sum(-1).tolist()
-    n_tok = [((n - 1) // 2 + 1 - 2) // 2 + 1 for n in n_frames]
-
-    def valid(x):  # (clips, 750, d) → the kept tokens of every clip, concatenated
-        return torch.cat([x[i, :n] for i, n in enumerate(n_tok)]).float().cpu().numpy()
-
+    mask = inputs[fam["mask"]]
     res = {
         "input_ids": inputs["input_ids"][0].cpu().numpy(),
-        "input_features": features,
-        "feature_attention_mask": inputs["feature_attention_mask"].cpu().numpy(),
-        "encoder": valid(grabbed["encoder"]),
-        "projector": valid(grabbed["projector"]),
+        "input_features": features,  # (rows, 128, frames): a row per clip, or per window (AF3)
+        "feature_attention_mask": mask.cpu().numpy(),  # (rows, frames)
+        "encoder": valid_tokens(grabbed["encoder"], mask, fam["flat"]),
+        "projector": valid_tokens(grabbed["projector"], mask, fam["flat"]),
         "hidden_states": torch.stack([h[0] for h in layer_out]).float().cpu().numpy(),
         "logits": out.logits[0].float().cpu().numpy(),
     }

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from mlx_listen.audio import HOP_LENGTH, SAMPLE_RATE, load_audio, num_audio_tokens, num_frames
 from mlx_listen.bundle import MANIFEST
-from mlx_listen.errors import AudioError, ListenError, ModelError
+from mlx_listen.errors import ListenError, ModelError
+from mlx_listen.frontend import FrontEnd, Window
 from mlx_listen.headset import HeadSet
-from mlx_listen.models import model_config
+from mlx_listen.models import FAMILIES, model_config
 from mlx_listen.stats import check_heads as check_head_list
 
 from . import hf as R
@@ -59,24 +59,16 @@ def read_items(path: Path, audio_dir: Path | None) -> list[dict]:
     return items
 
 
-def check_clip(audio: np.ndarray, name: str) -> None:
-    """The clip rules of `mlx_listen.audio.audio_features` (which needs MLX): mono, finite, and long
-    enough to give at least one audio token."""
-    if audio.ndim != 1:
-        raise AudioError(f"{name}: expected mono 1-D audio, got shape {audio.shape}")
-    if not np.isfinite(audio).all():
-        raise AudioError(f"{name}: audio contains NaN or infinite samples")
-    n = audio.shape[0]
-    if num_audio_tokens(num_frames(n)) == 0:
-        raise AudioError(
-            f"{name}: clip too short ({n} samples, {n / SAMPLE_RATE:.3f} s); "
-            f"need more than {2 * HOP_LENGTH} samples (> {2 * HOP_LENGTH / SAMPLE_RATE:.2f} s at 16 kHz)"
-        )
+def check_clip(audio: np.ndarray, name: str, front: FrontEnd | None = None) -> None:
+    """The clip rules of the family's front end (`FrontEnd.check`, MLX-free): mono, finite over the part
+    it uses, and long enough to give at least one audio token."""
+    (front or Window()).check(audio, name)
 
 
-def check_clips(items: list[dict]) -> None:
+def check_clips(items: list[dict], front: FrontEnd | None = None) -> None:
+    front = front or Window()
     for item in items:
-        check_clip(load_audio(item["path"]), str(item["path"]))
+        check_clip(front.load(item["path"]), str(item["path"]), front)
 
 
 def read_heads(path: Path) -> list[tuple[int, int]]:
@@ -138,7 +130,7 @@ def _mlx_signs(folder: Path, config: dict) -> str | None:
         header = _safetensors_header(f)
         if (header.get("__metadata__") or {}).get("format") == "mlx":
             return f'{f.name} has {{"format": "mlx"}} metadata'
-        for name in ("audio_tower.conv1.weight", "model.audio_tower.conv1.weight"):
+        for name in ("audio_tower.conv1.weight", "model.audio_tower.conv1.weight", "thinker.audio_tower.conv1.weight"):
             shape = (header.get(name) or {}).get("shape")
             if shape and len(shape) == 3 and shape[1] == 3 and shape[2] != 3:  # torch: (out, in, 3)
                 return f"its conv weights are in MLX layout ({name} is {shape})"
@@ -146,8 +138,8 @@ def _mlx_signs(folder: Path, config: dict) -> str | None:
 
 
 def check_checkpoint(model_path: str) -> tuple[Path, dict]:
-    """The local folder of a transformers Qwen2-Audio checkpoint (hub ids through the hub cache) and
-    its config; refuses MLX folders and anything without a config and weights."""
+    """The local folder of a transformers checkpoint of a family mlx-listen runs (hub ids through the hub
+    cache) and its config; refuses MLX folders and anything without a config and weights."""
     p = Path(model_path).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -176,8 +168,9 @@ def check_checkpoint(model_path: str) -> tuple[Path, dict]:
     if why := _mlx_signs(p, config):
         raise ModelError(f"{p} is an MLX model folder ({why}), not a transformers checkpoint; pass the "
                          "Hugging Face folder or repo id it was converted from")
-    if config.get("model_type") not in (None, "qwen2_audio"):
-        raise ModelError(f"{p} is a {config['model_type']!r} model, not Qwen2-Audio (qwen2_audio)")
+    if config.get("model_type") not in FAMILIES:
+        raise ModelError(f"{p} is a {config.get('model_type')!r} model; mlx-listen-reference runs "
+                         f"{', '.join(FAMILIES)}")
     if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
         raise ModelError(f"{p} has no weight files (*.safetensors)")
     try:

@@ -1,4 +1,5 @@
-"""`mlx-listen-reference`: run transformers' Qwen2-Audio (CUDA, MPS or CPU) on a list of questions
+"""`mlx-listen-reference`: run transformers' model of any family (Qwen2-Audio, Audio Flamingo 3, the
+Qwen2.5-Omni thinker; CUDA, MPS or CPU) on a list of questions
 and write a reference bundle (`mlx_listen.bundle`) for `mlx-listen parity` to check an MLX model
 against, on another machine.
 
@@ -26,7 +27,6 @@ import click
 import numpy as np
 
 from mlx_listen import __version__
-from mlx_listen.audio import load_audio
 from mlx_listen.bundle import (
     FORMAT,
     VERSION,
@@ -38,7 +38,7 @@ from mlx_listen.bundle import (
     slices_to_json,
 )
 from mlx_listen.errors import ListenError, ModelError
-from mlx_listen.models import model_config
+from mlx_listen.models import front_end, model_config
 from mlx_listen.records import file_sha256
 
 from . import hf as R
@@ -53,13 +53,8 @@ from .inputs import (
     read_items,
 )
 
-# Hub names (what the bundle records) → transformers-5 in-memory names (what `state_dict` has).
-_IN_MEMORY = [
-    ("language_model.model.", "model.language_model."),
-    ("language_model.lm_head.", "lm_head."),
-    ("audio_tower.", "model.audio_tower."),
-    ("multi_modal_projector.", "model.multi_modal_projector."),
-]
+# Module-tree names (what the bundle records) → transformers-5 in-memory names (what `state_dict` has).
+_IN_MEMORY = R.IN_MEMORY
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -94,8 +89,9 @@ def record(model, processor, item, audio, max_new_tokens: int, heads=None, steer
     """The bundle quantities of one item (see `mlx_listen.bundle.QUANTITIES`)."""
 
     res = R.run(model, processor, [audio], item["question"], item["system"], max_new_tokens=max_new_tokens)
-    n_frames = res["feature_attention_mask"].sum(-1).astype(np.int32)
-    feats = np.concatenate([f[:, :n] for f, n in zip(res["input_features"], n_frames)], axis=1)
+    rows = res["feature_attention_mask"].sum(-1).astype(np.int32)  # per clip, or per window (AF3)
+    n_frames = np.array([rows.sum()], np.int32)  # one clip per item
+    feats = np.concatenate([f[:, :n] for f, n in zip(res["input_features"], rows)], axis=1)
     T = len(res["input_ids"]) - 1
     out = {
         "input_ids": res["input_ids"].astype(np.int32),
@@ -162,7 +158,8 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
         n = model_config(config).text_config.num_hidden_layers
         if not steering.get("layers") or not all(0 <= l < n for l in steering["layers"]):
             raise ListenError(f"steering layers {steering.get('layers')} must be a non-empty subset of 0..{n - 1}")
-    check_clips(items)
+    front = front_end(config, hf_path)
+    check_clips(items, front)
 
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -174,7 +171,7 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
         raise ListenError(f"cannot write {out}: {e}") from None
     try:
         bundle = _record_bundle(model_path, hf_path, config, items, tmp, dtype, device, max_new_tokens, drift,
-                                progress, heads, steering)
+                                progress, heads, steering, front)
         bundle.save(tmp)
         _publish(tmp, out, force)
     except BaseException:
@@ -184,7 +181,7 @@ def make_bundle(model_path: str, items: list[dict], out: Path, dtype: str = "flo
 
 
 def _record_bundle(model_path, hf_path: Path, config: dict, items, out: Path, dtype, device, max_new_tokens, drift,
-                   progress, heads, steering) -> Bundle:
+                   progress, heads, steering, front) -> Bundle:
     import torch
     import transformers
     from tqdm import tqdm
@@ -217,7 +214,8 @@ def _record_bundle(model_path, hf_path: Path, config: dict, items, out: Path, dt
         "model": {"path": str(model_path), "revision": R.revision_of(hf_path), "config_hash": config_hash(config),
                   "fingerprint": values, "fingerprint_slices": slices},
         "dtype": dtype, "drift_dtype": drift_dtype, "attn_implementation": model.config._attn_implementation,
-        "prompt_format": "qwen2-audio-chat (processor default template)",
+        "prompt_format": f"{config['model_type']}: the processor's chat template",
+        "family": config["model_type"],
         "decoding": {"greedy": True, "max_new_tokens": max_new_tokens}, "seed": 0,
         "heads": [list(map(int, h)) for h in heads] if heads else None,
         "steering": steering,
@@ -225,8 +223,8 @@ def _record_bundle(model_path, hf_path: Path, config: dict, items, out: Path, dt
     })
     (out / "audio").mkdir(parents=True, exist_ok=True)
     for i, item in enumerate(tqdm(items, desc="Reference", unit="item", disable=not progress, file=sys.stderr)):
-        audio = load_audio(item["path"])
-        check_clip(audio, str(item["path"]))
+        audio = front.load(item["path"])
+        check_clip(audio, str(item["path"]), front)
         q = record(model, processor, item, audio, max_new_tokens, heads, steering)
         if other is not None:
             q.update({f"drift.{k}": v for k, v in record(other[0], other[1], item, audio, 0, heads, steering).items()

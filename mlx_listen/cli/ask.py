@@ -79,7 +79,8 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
     _question_is_a_clip(question)
     from mlx_listen.asking import ask as run
     from mlx_listen.headset import HeadSet
-    from mlx_listen.load import load
+    from mlx_listen.identity import check_family
+    from mlx_listen.load import ModelRef, load
     from mlx_listen.method.directions import bindings
     from mlx_listen.prompt import as_features
 
@@ -88,7 +89,10 @@ def ask(args, model, max_tokens, temp, top_p, top_k, min_p, repetition_penalty, 
     ablated = ablation(ablate, ablate_mode, ablate_audio, ablate_means)
     if steer_cfg and ablated:
         raise click.UsageError("--steer/--vector and --ablate cannot be combined in one answer")
-    feats = [as_features(c) for c in clips]  # bad audio fails before the model loads
+    front = ModelRef(model).front_end  # the family's, from the config alone
+    for label, meta in bindings(heads_path, steer_path, vector_path):  # another family's: refused before loading
+        check_family(meta, label, ModelRef(model).family)
+    feats = [as_features(c, front=front) for c in clips]  # bad audio fails before the model loads
     mdl, processor = load(model)
     shown = []
 

@@ -107,13 +107,30 @@ def options(*opts):
     return apply
 
 
-MODEL = click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True,
+def _preset_fits_model(ctx, param, value):
+    """--model and --prompt, whichever comes second: a preset that does not fit the model's family is a user
+    error before anything loads (the family from the folder's or the hub cache's config, never the network)."""
+    ctx.meta[f"mlx_listen.{param.name}"] = value
+    model, preset = ctx.meta.get("mlx_listen.model"), ctx.meta.get("mlx_listen.prompt")
+    given = any(ctx.get_parameter_source(n) not in (None, click.core.ParameterSource.DEFAULT) for n in ("model", "prompt"))
+    if model is not None and preset is not None and given:  # the defaults fit each other
+        from mlx_listen.models import family_if_known
+        from mlx_listen.presets import for_family
+
+        kind = family_if_known(model)
+        if kind is not None:
+            for_family(preset, kind)
+    return value
+
+
+MODEL = click.option("--model", "-M", default=DEFAULT_MODEL, show_default=True, callback=_preset_fits_model,
                      help="MLX or HF model folder, or a Hugging Face repo id.")
 MAX_TOKENS = click.option("--max-tokens", "-m", type=click.IntRange(min=1), default=256, show_default=True,
                           help="Most tokens to generate.")
 PROMPT = click.option("--prompt", default=DEFAULT_PRESET, show_default=True, type=click.Choice(list(PROMPTS)),
-                      help="Prompt preset: r1-aqa (R1-AQA's, answer in <answer> tags), r1-aqa-think, or mmau "
-                           "(the MMAU authors').")
+                      callback=_preset_fits_model,
+                      help="Prompt preset: r1-aqa (R1-AQA's, answer in <answer> tags), r1-aqa-think (Qwen2-Audio "
+                           "only), or mmau (the MMAU authors').")
 FORCE = click.option("--force", is_flag=True,
                      help="Use a head set or vector found on another model or prompt (recorded in the outputs).")
 TASKS = click.option("--task", "tasks", type=TaskList(), default="sound,music,speech", show_default=True,

@@ -183,7 +183,8 @@ def run_eval(spec: EvalSpec, progress: bool = True) -> dict[str, mmau.Report]:
                           f"{spec.audio_dir}:\n  {shown}\nPass --skip-missing to evaluate without them.")
     items = [it for it in items if it["audio_id"] not in set(missing)]
     for label, meta in spec.bindings:  # prompt and item overlap now; the model once it is loaded
-        spec.warnings += check_binding(meta, label, prompt=spec.prompt, ids=[it["id"] for it in items], force=spec.force)
+        spec.warnings += check_binding(meta, label, prompt=spec.prompt, ids=[it["id"] for it in items], force=spec.force,
+                                       family=ModelRef.of(spec.model).family)
     for w in spec.warnings:
         warnings.warn(w, ListenWarning, stacklevel=2)
     ref = ModelRef.of(spec.model)

@@ -182,7 +182,7 @@ def build(headset: HeadSet, model, data: Path, audio_dir: Path, out, *, limit: i
         raise ListenError(f"the folder of --out ({path.parent}) does not exist")
     items = mmau.load_items(data)[:limit]
     label = str(headset.path or "the head set")
-    warned = check_binding(headset.meta or {}, label, prompt=prompt, force=force)
+    warned = check_binding(headset.meta or {}, label, prompt=prompt, force=force, family=ModelRef.of(model).family)
     config = from_heads(headset)
     ref = ModelRef.of(model)
     model, processor = ref.get()

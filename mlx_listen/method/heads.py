@@ -275,8 +275,8 @@ def attention_map(model, clip, question: str, *, system: str | None = None, head
     head set found on another model is refused unless `force` (then recorded in `warnings`)."""
     writable_file(json_out, "--json")
     writable_file(png, "--png")
-    feats = as_features(clip)
     ref = ModelRef.of(model)
+    feats = as_features(clip, front=ref.front_end)  # the family's, from the config alone
     if heads is not None:
         heads.check(*ref.shape)
     mdl, processor = ref.get()

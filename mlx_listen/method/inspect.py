@@ -302,7 +302,7 @@ def inspect(source_path, model, data=None, audio_dir=None, out=None, *, limit: i
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ListenError(f"--out {out} is a file, not a folder")
     found = check_binding(meta, str(source_path), prompt=prompt if data is not None else None, force=force,
-                          ids=[it["id"] for it in items] if items else None)
+                          ids=[it["id"] for it in items] if items else None, family=ModelRef.of(model).family)
     ref = ModelRef.of(model)
     if headset is not None:
         headset.check(*ref.shape)

@@ -250,7 +250,7 @@ def patch_run(model, out, *, clip=None, question: str | None = None, system: str
         if not question:
             raise ListenError("give the QUESTION to ask about the clip")
         name = name or (str(clip) if isinstance(clip, (str, Path)) else "clip")
-        clip = as_features(clip)  # bad audio fails before the model loads
+        clip = as_features(clip, front=ref.front_end)  # bad audio fails before the model loads
     else:
         if audio_dir is None:
             raise ListenError("a data set needs --audio-dir (the folder its audio_id paths are relative to)")
@@ -262,7 +262,7 @@ def patch_run(model, out, *, clip=None, question: str | None = None, system: str
     if heads is not None:  # the head set against the model's config, and its prompt, before any work
         heads.check(*ref.shape)
         found = check_binding(heads.meta or {}, str(heads.path or "the head set"), force=force,
-                              prompt=cfg.preset if clip is None else None)
+                              prompt=cfg.preset if clip is None else None, family=ref.family)
     with locked(out):
         mdl, processor = ref.get()
         if heads is not None:

@@ -197,7 +197,7 @@ def validate_run(headset: HeadSet, model, data: Path, audio_dir: Path, out: Path
     out, ref = Path(out), ModelRef.of(model)
     items = calibration_items(data, audio_dir, limit)
     binding = check_binding(headset.meta or {}, str(headset.path or "the head set"), prompt=prompt,
-                            ids=[it["id"] for it in items], force=force)
+                            ids=[it["id"] for it in items], force=force, family=ref.family)
     headset.check(*ref.shape)  # from the config: before the folder is bound to anything
     records = out / "items.jsonl"
     with locked(out), provisional(out / "items.meta.json"):

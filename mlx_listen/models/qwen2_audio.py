@@ -15,7 +15,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..hooks import Hooks
-from .base import AudioLM
+from .base import BLOCK, AudioLM, fingerprint_blocks
 from .qwen2 import LanguageModel, TextConfig
 from .whisper import AudioConfig, AudioEncoder
 
@@ -60,6 +60,22 @@ class ModelConfig:
             raw=d,
         )
 
+    def identity(self) -> dict:
+        """The architecture-defining fields `bundle.config_hash` hashes (format- and dtype-insensitive)."""
+        t, a = self.text_config, self.audio_config
+        return {
+            "text": [t.vocab_size, t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads,
+                     t.num_key_value_heads, t.rms_norm_eps, float(t.rope_theta), t.tie_word_embeddings],
+            "audio": [a.num_mel_bins, a.encoder_layers, a.encoder_attention_heads, a.encoder_ffn_dim, a.d_model,
+                      a.max_source_positions],
+            "audio_token_index": self.audio_token_index,
+        }
+
+    def fingerprint_slices(self) -> dict:
+        """Tensors (module-tree names, = hub names here) and blocks a bundle or head set fingerprints."""
+        return fingerprint_blocks(self.text_config, self.audio_config.encoder_layers,
+                                  {"multi_modal_projector.linear.weight": BLOCK})
+
     @property
     def dtype_name(self) -> str:
         """The checkpoint's dtype: `dtype` (5.x) or `torch_dtype` (4.x)."""
@@ -88,26 +104,10 @@ class Model(AudioLM):
         self.multi_modal_projector = Projector(config.audio_config.d_model, config.text_config.hidden_size)
         self.language_model = LanguageModel(config.text_config, self.hooks)
 
-    def encode(self, mel: mx.array, n_frames: int) -> tuple[mx.array, mx.array]:
+    def encode_features(self, features) -> tuple[mx.array, mx.array]:
         """One clip's padded log-mel (128, 3000) -> (tower output (n_tok, d_model), tokens (n_tok, hidden))."""
-        enc = self.audio_tower(mel, n_frames)
+        enc = self.audio_tower(features.mel, features.n_frames)
         return enc, self.multi_modal_projector(enc)
 
     def sanitize(self, weights: dict) -> dict:
-        out = {}
-        for k, v in weights.items():
-            for old, new in _IN_MEMORY_PREFIXES:
-                if k.startswith(old):
-                    k = new + k[len(old):]
-                    break
-            if "rotary_emb.inv_freq" in k:
-                continue
-            # torch Conv1d is (out, in, k); MLX is (out, k, in). Transpose only what is still in
-            # torch layout, so an already converted folder loads unchanged.
-            if k.startswith("audio_tower.conv") and k.endswith(".weight") and v.ndim == 3:
-                if v.shape[-1] == 3 and v.shape[1] != 3:
-                    v = v.transpose(0, 2, 1)
-            out[k] = v
-        if self.config.text_config.tie_word_embeddings:
-            out.pop("language_model.lm_head.weight", None)
-        return out
+        return self.remap(weights, _IN_MEMORY_PREFIXES)

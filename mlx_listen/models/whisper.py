@@ -36,7 +36,13 @@ class AudioConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AudioConfig":
+        # Audio Flamingo 3's encoder config uses transformers-5 names for the same fields.
+        d = {ALIASES.get(k, k): v for k, v in d.items() if not (k in ALIASES and ALIASES[k] in d)}
         return from_dict(cls, d)
+
+
+ALIASES = {"hidden_size": "d_model", "num_hidden_layers": "encoder_layers",
+           "num_attention_heads": "encoder_attention_heads", "intermediate_size": "encoder_ffn_dim"}
 
 
 def conv_length(n_frames: int) -> int:
@@ -45,34 +51,37 @@ def conv_length(n_frames: int) -> int:
 
 
 class EncoderAttention(nn.Module):
-    def __init__(self, dim: int, n_heads: int, index: int, hooks: Hooks):
+    def __init__(self, dim: int, n_heads: int, index: int, hooks: Hooks, prescale: bool = True):
         super().__init__()
-        self.n_heads = n_heads
+        self.n_heads, self.prescale = n_heads, prescale
         self.scaling = (dim // n_heads) ** -0.5
         self.q_proj = nn.Linear(dim, dim)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.hook_qk = hooks.point(f"encoder.blocks.{index}.attn.hook_qk", index, 1.0)  # q arrives scaled
+        # q arrives scaled (Qwen2-Audio, AF3), or the scale is the kernel's (Qwen2.5-Omni)
+        self.hook_qk = hooks.point(f"encoder.blocks.{index}.attn.hook_qk", index, 1.0 if prescale else self.scaling)
         hooks.derive(f"encoder.blocks.{index}.attn.hook_pattern", self.hook_qk, "encoder_pattern")
 
     def __call__(self, x: mx.array, mask: mx.array | None = None) -> mx.array:
         B, L, D = x.shape
-        # HF scales q before attention and calls it with scale 1; doing the same keeps the
-        # rounding identical for any head size.
-        q = (self.q_proj(x) * self.scaling).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        # Qwen2-Audio and AF3 scale q before attention and call it with scale 1; Omni scales the
+        # scores. Doing each the same keeps the rounding identical for any head size.
+        q = self.q_proj(x) * self.scaling if self.prescale else self.q_proj(x)
+        q = q.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         k = self.k_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         v = self.v_proj(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
         self.hook_qk((q, k, mask), 0, L)
-        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask=mask)
+        scale = 1.0 if self.prescale else self.scaling
+        o = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         return self.out_proj(o.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: AudioConfig, index: int, hooks: Hooks):
+    def __init__(self, cfg: AudioConfig, index: int, hooks: Hooks, prescale: bool = True):
         super().__init__()
         d = cfg.d_model
-        self.self_attn = EncoderAttention(d, cfg.encoder_attention_heads, index, hooks)
+        self.self_attn = EncoderAttention(d, cfg.encoder_attention_heads, index, hooks, prescale)
         self.hook_resid_post = hooks.point(f"encoder.blocks.{index}.hook_resid_post", index)
         self.self_attn_layer_norm = nn.LayerNorm(d, eps=1e-5)
         self.fc1 = nn.Linear(d, cfg.encoder_ffn_dim)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import __version__
 from ..answers import detokenize
-from ..audio import SAMPLE_RATE, load_audio
+from ..audio import SAMPLE_RATE
 from ..errors import ListenWarning
 from ..eval.conditions import Answerer, ablated, baseline, steered
 from ..headset import HeadSet
@@ -93,7 +93,7 @@ def build(model, clip, question: str, *, heads: HeadSet | None = None, choices: 
     loaded pair (`load.ModelRef`). `bindings`: the head set's file, refused if it was found on
     another model (unless `force`)."""
     ref = ModelRef.of(model)
-    samples = load_audio(clip) if isinstance(clip, (str, Path)) else np.asarray(clip, np.float32)
+    samples = ref.front_end.load(clip) if isinstance(clip, (str, Path)) else np.asarray(clip, np.float32)
     mdl, processor = ref.get()
     if heads is not None:
         heads.check(mdl.n_layers, mdl.n_heads)
@@ -120,7 +120,7 @@ def build(model, clip, question: str, *, heads: HeadSet | None = None, choices: 
                  "audio_tokens": prompt.n_audio_tokens,
                  "seconds_per_token": float(feats.seconds_used) / max(1, prompt.n_audio_tokens),
                  "waveform": waveform(samples[: int(round(feats.seconds_used * SAMPLE_RATE))]),
-                 "mel": mel_image(feats.mel, feats.n_frames)},
+                 "mel": mel_image(feats.valid(), feats.n_frames)},
         "answers": {"audio": _answer(processor, audio, responses["audio"].logprobs),
                     "silence": _answer(processor, sil.answer, sil.logprobs)},
         "audio_mass": {"data": np.round(audio.audio_mass.astype(np.float64), 6).tolist(),
