@@ -19,6 +19,7 @@ from .evaluate import evaluate, make_demo_set
 from .heads import heads, validate_heads
 from .model import convert, parity, version
 from .options import Group
+from .profile import profile
 from .serve import serve
 from .steer import steer
 from .tools import ablate, experiment, patch
@@ -32,7 +33,7 @@ def main():
 
 
 for command in (ask, convert, parity, evaluate, make_demo_set, attention, view, heads, validate_heads, steer, patch,
-                experiment, ablate, serve, quant_drift, version):
+                experiment, profile, ablate, serve, quant_drift, version):
     main.add_command(command)
 
 if __name__ == "__main__":
