@@ -1,10 +1,11 @@
 """`mlx-listen convert`: an HF checkpoint of any family (Qwen2-Audio, Audio Flamingo 3, Qwen2.5-Omni)
 → an MLX folder (optionally quantised).
 
-Needs no PyTorch: safetensors load straight into MLX (bf16 included). Only the language model's
-linear layers are quantised; the audio tower and projector keep their dtype (convs cannot be
-quantised and the encoder is 0.64 B parameters, little to save). What the model does not use is
-left out and said (Qwen2.5-Omni: the talker, token2wav and the vision tower; the thinker is kept).
+Needs no PyTorch: safetensors load straight into MLX (bf16 included). Quantisation is mlx-lm's, every
+mode, bits and mixed recipe (`quantize.py`): the language model by default, the audio tower's linears
+on request, the projector and convs never; bits per weight are printed per part. `dequantize` turns
+a quantised MLX folder back into float. What the model does not use is left out and said
+(Qwen2.5-Omni: the talker, token2wav and the vision tower; the thinker is kept).
 
 Memory: the model is loaded lazily, cast and quantised lazily, and then written shard by shard
 the way mlx-lm's `save_model(..., donate_model=True)` does it: the model and the flat weight
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import io
 import json
 import os
 import secrets
@@ -46,6 +46,8 @@ from tqdm import tqdm
 from mlx_listen.errors import ModelError
 from mlx_listen.load import load_model, resolve
 
+from . import quantize as Q
+
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 # Everything a user of the folder needs besides the weights (tokenizer, processor, templates).
 SIDE_FILES = [
@@ -54,15 +56,9 @@ SIDE_FILES = [
     "preprocessor_config.json", "generation_config.json",
 ]
 MAX_SHARD_GB = 5  # mlx-lm's shard size
-GROUP_SIZES = (32, 64, 128)  # what the CLI offers (and MLX's affine mode supports)
 MARKER = ".mlx-listen-partial"  # in a temp folder: {"pid", "host"} of the conversion that owns it
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 _SIGNALS = tuple(getattr(signal, s) for s in ("SIGTERM", "SIGHUP") if hasattr(signal, s))
-
-
-def language_only(path: str, module: nn.Module) -> bool:
-    """Quantisation predicate: decoder linears (and embeddings/head) only."""
-    return path.startswith("language_model.")
 
 
 def convert(
@@ -71,18 +67,23 @@ def convert(
     *,
     dtype: str | None = None,
     quantize: bool = False,
-    q_bits: int = 4,
-    q_group_size: int = 64,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    quant_predicate: str | None = None,
+    quantize_audio_tower: bool = False,
+    dequantize: bool = False,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Convert `hf_path` (folder or hub id) to an MLX folder at `mlx_path`; return `mlx_path`.
 
-    With `progress`, a progress bar and (when quantising) mlx-lm's
-    `[INFO] Quantized model with X bits per weight.` line go to stderr; stdout stays untouched.
+    `q_mode` / `q_group_size` / `q_bits` / `quant_predicate` / `quantize_audio_tower` need `quantize`
+    (`quantize.spec` checks them; unset ones take the mode's defaults); `dequantize` writes a quantised
+    MLX folder back in float. With `progress`, a progress bar, mlx-lm's `[INFO] Quantized model with X
+    bits per weight.` line and the bits per weight of each part go to stderr; stdout stays untouched.
     """
-    from mlx_lm.utils import compute_bits_per_weight, quantize_model
-
+    spec = Q.options(quantize, dequantize, q_mode, q_group_size, q_bits, quant_predicate, quantize_audio_tower)
     out = Path(mlx_path).expanduser()
     local = Path(hf_path).expanduser()
     if local.exists():  # before the existence check, whose advice (--force) would be wrong here
@@ -97,30 +98,35 @@ def convert(
         size = sum(b for _, b in model.dropped.values())
         parts = ", ".join(f"{p.rstrip('.')}.* ({c})" for p, (c, _) in model.dropped.items())
         print(f"[INFO] Left out {n} tensors ({size / 1e9:.2f} GB) the model does not use: {parts}", file=sys.stderr)
-    if config.get("quantization") and quantize:
-        raise ModelError(f"{src} is already quantised")
-    if quantize:
-        _check_group_size(model, q_group_size)
+    if Q.is_quantised(config) and quantize:
+        raise ModelError(f"{src} is already quantised; convert the float checkpoint, or pass -d/--dequantize "
+                         "alone to write this one in float")
+    if dequantize and not Q.is_quantised(config):
+        raise ModelError(f"{src} is not quantised: there is nothing to dequantize")
+    if spec is not None:
+        Q.check_widths(model, spec)
 
     config = copy.deepcopy(config)
     config.pop("eos_token_id", None)  # mlx-lm merged it from generation_config.json, copied below
     for part in ("talker_config", "token2wav_config"):  # Omni: only the thinker is written
         if config.pop(part, None) is not None:
             config["enable_audio_output"] = False
+    src_bytes = max((p.dtype.size for _, p in tree_flatten(model.parameters())
+                     if mx.issubdtype(p.dtype, mx.floating)), default=4)
+    if dequantize:  # lazy, like everything else
+        model = Q.dequantize(model)
+        for k in ("quantization", "quantization_config"):
+            config.pop(k, None)
     if dtype is not None:
         target = DTYPES[dtype]
         model.update(tree_map(lambda p: p.astype(target) if mx.issubdtype(p.dtype, mx.floating) else p,
                               model.parameters()))
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
-    if quantize:  # lazy, like the cast: nothing is computed until a shard is written
-        with contextlib.redirect_stdout(io.StringIO()):  # its [INFO] print would go to stdout
-            model, config = quantize_model(
-                model, config, q_group_size, q_bits, quant_predicate=language_only
-            )
-        if progress:
-            print(f"[INFO] Quantized model with {compute_bits_per_weight(model):.3f} bits per weight.",
-                  file=sys.stderr)
+    if spec is not None:  # lazy, like the cast: nothing is computed until a shard is written
+        model, config = Q.quantize(model, config, spec)
+    if progress and (spec is not None or dequantize):
+        Q.report(model, "Quantized" if spec is not None else "Dequantized")
     if "quantization" in config:
         config["quantization_config"] = config["quantization"]
 
@@ -136,14 +142,14 @@ def convert(
             # Bytes alive per output byte while a tensor is computed, at most: a cast's output plus
             # an input up to twice its size (fp32 → 16 bit); a 4-bit weight (0.5625 bytes a
             # parameter with its scales) plus an fp32 input (7.1x), plus a 16-bit cast of it (10.7x).
-            transient = (12 if dtype else 8) if quantize else 3
+            transient = Q.transient(spec, src_bytes, DTYPES[dtype].size if dtype else 0)
             _write_weights(tmp, model, progress, transient)
             del model
             (tmp / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
             for f in SIDE_FILES:
                 if (src / f).exists():
                     shutil.copy2(src / f, tmp / f)
-            _model_card(tmp, hf_path, quantize and q_bits, family)
+            _model_card(tmp, hf_path, spec, family)
             _commit(tmp, dest)
         except BaseException as e:
             with _signals_held():  # a second Ctrl-C or SIGTERM must not cut the cleanup short
@@ -181,27 +187,6 @@ def _check_target(out: Path, force: bool):
     if not empty and not (out / "config.json").is_file():
         raise ModelError(f"{out} is not a model folder (no config.json) and not empty; refusing to "
                          f"delete it even with --force: choose another --mlx-path")
-
-
-def _check_group_size(model: nn.Module, group: int):
-    """Refuse a group size that does not divide some quantisable layer's input width.
-
-    mlx-lm's `quantize_model` silently leaves such layers in float, so a "4-bit" model could be
-    mostly float; we name the layers and the group sizes that would work instead.
-    """
-    widths = {}
-    for path, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
-        if hasattr(m, "to_quantized") and language_only(path, m):
-            widths[path] = m.weight.shape[-1]
-    bad = [(p, w) for p, w in widths.items() if w % group]
-    if not bad:
-        return
-    shown = "; ".join(f"{p} has {w}" for p, w in bad[:3]) + (f"; {len(bad) - 3} more" if len(bad) > 3 else "")
-    fits = [g for g in GROUP_SIZES if all(w % g == 0 for w in widths.values())]
-    advice = (f"use --q-group-size {' or '.join(map(str, fits))}" if fits
-              else f"no group size in {'/'.join(map(str, GROUP_SIZES))} divides them all")
-    raise ModelError(f"--q-group-size {group} does not divide the input width of {len(bad)} of the "
-                     f"{len(widths)} layers to quantise ({shown}); {advice}")
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -265,8 +250,9 @@ def _evaluate(arrays: list, transient: float, bar):
         raise
 
 
-def _model_card(path: Path, base: str, bits, family: str = "qwen2_audio"):
-    q = f"{bits}-bit (language model only; audio tower and projector unquantised)" if bits else "not quantised"
+def _model_card(path: Path, base: str, spec: Q.Spec | None, family: str = "qwen2_audio"):
+    q = (f"{spec.describe()} (projector{'' if spec.audio_tower else ' and audio tower'} unquantised)"
+         if spec else "not quantised")
     tag = family.replace("_", "-")
     path.joinpath("README.md").write_text(
         f"---\nlibrary_name: mlx\nbase_model: {base}\ntags: [mlx, audio, {tag}]\n---\n\n"

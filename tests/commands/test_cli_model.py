@@ -34,9 +34,10 @@ def test_convert_command(tiny_gqa, clips, tmp_path):
 
 @pytest.mark.parametrize("args, words", [
     (["convert"], ["--hf-path"]),
-    (["convert", "--hf-path", "{hf}", "--mlx-path", "{out}", "-q", "--q-group-size", "16"],
-     ["--q-group-size", "16"]),  # MLX supports 32, 64, 128 only
-    (["convert", "--hf-path", "{hf}", "--mlx-path", "{out}", "-q", "--q-bits", "3"], ["--q-bits"]),
+    (["convert", "--hf-path", "{hf}", "--mlx-path", "{out}", "-q", "--q-group-size", "256"],
+     ["--q-group-size", "256"]),  # MLX supports 16 (nvfp4), 32, 64, 128 only
+    (["convert", "--hf-path", "{hf}", "--mlx-path", "{out}", "-q", "--q-bits", "7"], ["--q-bits"]),
+    (["convert", "--hf-path", "{hf}", "--mlx-path", "{out}", "-q", "--q-mode", "int4"], ["--q-mode"]),
 ])
 def test_usage_errors(tiny_gqa, clips, tmp_path, args, words):
     fill = dict(a=clips["a"], hf=tiny_gqa.hf_path, out=tmp_path / "out")
