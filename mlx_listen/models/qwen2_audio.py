@@ -4,6 +4,13 @@ the Whisper-style audio tower, a one-Linear projector and a Qwen2 decoder.
 The module tree mirrors the hub checkpoint (`audio_tower.*`, `multi_modal_projector.*`,
 `language_model.model.*`, `language_model.lm_head.*`), so loading is `sanitize` (two conv
 transposes and prefix renames for transformers-5 in-memory names) and a strict load.
+
+Folders others made load too. mlx-audio's (`mlx-community/Qwen2-Audio-7B-Instruct-4bit`) keeps the
+hub's key names and config, with the convs already in MLX's layout, quantised the mlx-lm way, but
+without `audio_tower.embed_positions.weight`: mlx-audio recomputes Whisper's sinusoids instead of
+storing the table (the hub's table is those sinusoids, Whisper-large-v3's). A folder in MLX's conv
+layout that lacks the table gets the sinusoids back here, in the tower's dtype. mlx-lm-style
+quantised folders (any mode, per-path entries) are read by mlx-lm's loader as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import mlx.nn as nn
 from ..hooks import Hooks
 from .base import BLOCK, AudioLM, fingerprint_blocks
 from .qwen2 import LanguageModel, TextConfig
+from .qwen2_5_omni import sinusoids
 from .whisper import AudioConfig, AudioEncoder
 
 MODEL_TYPE = "qwen2_audio"
@@ -110,4 +118,10 @@ class Model(AudioLM):
         return enc, self.multi_modal_projector(enc)
 
     def sanitize(self, weights: dict) -> dict:
-        return self.remap(weights, _IN_MEMORY_PREFIXES)
+        out = self.remap(weights, _IN_MEMORY_PREFIXES)
+        conv = weights.get("audio_tower.conv1.weight")
+        pos = "audio_tower.embed_positions.weight"
+        if pos not in out and conv is not None and conv.ndim == 3 and conv.shape[1] == 3 != conv.shape[-1]:
+            a = self.config.audio_config  # an MLX folder without the table: mlx-audio's layout
+            out[pos] = mx.array(sinusoids(a.max_source_positions, a.d_model)).astype(conv.dtype)
+        return out
