@@ -5,7 +5,13 @@ Tolerances depend on the dtypes on each side (README, "Parity against a referenc
 - bf16/fp16 MLX vs a reference recorded with `--drift`: error against the fp32 numbers at most
   2× transformers' own bf16-vs-fp32 error on the same item;
 - bf16/fp16 MLX vs a bf16 reference without drift: cosine ≥ 0.999 (a loose check);
-- quantised MLX: cosine ≥ 0.995 (8-bit) / 0.95 (4-bit), a sanity check rather than parity.
+- quantised MLX (any mode, bits or mixed recipe): a limit from the model's own quantisation error
+  (`quant_budget`): ε, the RMS relative error of its quantised weights measured against the bundle's
+  fingerprint blocks (the reference's own weights), grows to about √K·ε after K quantised matrices
+  whose errors add in quadrature (RMSNorm keeps the relative error from compounding); a vector
+  quantity must keep cosine ≥ 1 − e²/2 and a scalar relative error ≤ e, with e = 2·√K·ε. Where e ≥ 1
+  (2- and 3-bit on a small model) the error is as large as the signal: reported, not judged. The
+  encoder and projector are judged as float unless their tower was quantised.
 Features (fp32 on both sides) are held to 1e-4; ids and frame counts must be equal; greedy
 tokens are judged only fp32 against fp32, otherwise reported.
 """
@@ -17,6 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 from tqdm import tqdm
 
 from . import identity
@@ -35,7 +42,8 @@ FP32_RTOL = 1e-4
 FEATURE_ATOL = 1e-4
 HALF_COSINE = 0.999
 HALF_SCALAR_RTOL = 0.02
-QUANT_COSINE = {8: 0.995, 4: 0.95}
+QUANT_FACTOR = 2.0  # e = QUANT_FACTOR·√K·ε (see the module docstring)
+TOWER_QUANTITIES = ("encoder_sketch", "encoder_norms", "projector_sketch", "projector_norms")
 DRIFT_FACTOR = 2.0
 # A scalar that averages a vector quantity is judged against that vector's drift, not its own: the
 # listening score is the mean of the chosen heads' audio masses, so its error is at most the largest
@@ -100,9 +108,35 @@ def _metrics(ours, ref):
     return err, err / max(scale, 1e-30), cos, scale
 
 
-def _quant_bits(model) -> int | None:
+def _quant_name(model) -> str | None:
+    """'affine 4-bit', 'mxfp4 4-bit', 'affine 2/6-bit (mixed)'... or None for a float model."""
     q = model.config.quantization
-    return int(q["bits"]) if q else None
+    if not q:
+        return None
+    per = [v for v in q.values() if isinstance(v, dict)]
+    bits = sorted({int(v["bits"]) for v in per} | ({int(q["bits"])} if not per else set()))
+    mode = q.get("mode", "affine")
+    return f"{mode} {'/'.join(map(str, bits))}-bit" + (" (per layer)" if per else "")
+
+
+def quant_budget(model, errors: dict[str, float]) -> dict[str, float]:
+    """Expected relative error e = 2·√K·ε of what the decoder and the tower compute (docstring); `errors`
+    are the fingerprint's per-tensor relative errors (`fingerprint_errors`). {"decoder": e, "tower": e}
+    (0 for a part with no quantised layer)."""
+    import mlx.nn as nn
+
+    quantised = {p for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module) if "scales" in m}
+    out = {}
+    for part, paths in (("decoder", {p for p in quantised if p.startswith("language_model.")}),
+                        ("tower", {p for p in quantised if not p.startswith("language_model.")})):
+        errs = [e for n, e in errors.items() if n.removesuffix(".weight") in paths and np.isfinite(e)]
+        if not paths:
+            out[part] = 0.0
+            continue
+        eps = float(np.sqrt(np.mean(np.square(errs)))) if errs else float("inf")
+        out[part] = QUANT_FACTOR * float(np.sqrt(len(paths))) * eps
+    out["decoder"] = float(np.hypot(out["decoder"], out["tower"]))  # the tower's error reaches the decoder too
+    return out
 
 
 # A fingerprinted block (`bundle.fingerprint_slices`) whose centred values differ from the bundle's
@@ -185,7 +219,7 @@ def mlx_quantities(model, processor, bundle: Bundle, i: int, root: Path, max_new
     return out
 
 
-def _judge(q: str, ours, ref, drift, mode: str, bits: int | None, drift_basis=None) -> Row:
+def _judge(q: str, ours, ref, drift, mode: str, budget: float | None, drift_basis=None) -> Row:
     """One quantity of one item. `drift_basis` (drift, ref) replaces the quantity's own drift in its
     limit: the listening score is judged against the per-head audio-mass drift (see `SCALAR_DRIFT`)."""
     row = Row(q, "")
@@ -212,8 +246,15 @@ def _judge(q: str, ours, ref, drift, mode: str, bits: int | None, drift_basis=No
         lim = FP32_RTOL * max(1.0, scale)
         row.limit, row.ok = f"abs <= {lim:.3g}", row.max_abs <= lim
     elif mode == "quantized":
-        lim = QUANT_COSINE.get(bits, QUANT_COSINE[4])
-        row.limit, row.ok = f"cos >= {lim:g}", row.cosine >= lim
+        e = float(budget)
+        if not e < 1:
+            row.limit, row.note = f"reported only (e = {e:.2g})", "expected quantisation error >= the signal"
+        elif np.size(ref) == 1:
+            rel = row.max_abs / max(abs(float(np.asarray(ref).reshape(-1)[0])), 1e-30)
+            row.limit, row.ok = f"rel <= {e:.3g} (2√K·ε)", rel <= e
+        else:
+            lim = 1 - e * e / 2
+            row.limit, row.ok = f"cos >= {lim:.4g} (2√K·ε {e:.2g})", row.cosine >= lim
     elif drift is not None:
         d, r = drift_basis if drift_basis is not None else (drift, ref)
         lim = DRIFT_FACTOR * float(np.abs(np.asarray(d, np.float64) - np.asarray(r, np.float64)).max()) + 1e-6
@@ -238,17 +279,20 @@ def parity(bundle_path, model_path=None, progress: bool = True) -> Report:
     processor = load_processor(path, config)
     check_identity(bundle, model, config)
 
-    bits = _quant_bits(model)
-    ours_fp32 = model.dtype == mx.float32 and bits is None
+    qname = _quant_name(model)
+    budget = quant_budget(model, fingerprint_errors(bundle, model)[0]) if qname else {}
+    ours_fp32 = model.dtype == mx.float32 and qname is None
+    tower_fp32 = model.audio_tower.parameters() and all(
+        v.dtype == mx.float32 for _, v in tree_flatten(model.audio_tower.parameters()) if mx.issubdtype(v.dtype, mx.floating))
     ref_dtype, drift_dtype = bundle.manifest["dtype"], bundle.manifest.get("drift_dtype")
     fp32_ref = ref_dtype == "float32"
-    if bits is not None:
+    if qname is not None:
         mode = "quantized"
     elif ours_fp32 and fp32_ref:
         mode = "fp32"
     else:
         mode = "half"
-    report = Report(mode=f"MLX {'%d-bit' % bits if bits else str(model.dtype).split('.')[-1]} vs "
+    report = Report(mode=f"MLX {qname or str(model.dtype).split('.')[-1]} vs "
                          f"reference {ref_dtype}{' + ' + drift_dtype + ' drift' if drift_dtype else ''} "
                          f"on {bundle.manifest['device'].get('name') or bundle.manifest['device']['type']}")
     unknown = set()
@@ -264,11 +308,16 @@ def parity(bundle_path, model_path=None, progress: bool = True) -> Report:
             if q not in QUANTITIES or q not in ours:
                 unknown.add(q)
                 continue
-            drift = bundle.get(i, f"drift.{q}") if fp32_ref and not ours_fp32 else None
+            qmode, fp32 = mode, ours_fp32
+            if mode == "quantized" and q in TOWER_QUANTITIES and not budget["tower"]:  # a float tower
+                fp32 = tower_fp32
+                qmode = "fp32" if fp32 and fp32_ref else "half"
+            drift = bundle.get(i, f"drift.{q}") if fp32_ref and not fp32 else None
             basis = None
             if q in SCALAR_DRIFT and drift is not None and f"drift.{SCALAR_DRIFT[q]}" in item["quantities"]:
                 basis = (bundle.get(i, f"drift.{SCALAR_DRIFT[q]}"), bundle.get(i, SCALAR_DRIFT[q]))
-            row = _judge(q, ours[q], bundle.get(i, q), drift, mode, bits, basis)
+            e = budget.get("tower" if q in TOWER_QUANTITIES else "decoder")
+            row = _judge(q, ours[q], bundle.get(i, q), drift, qmode, e, basis)
             row.item = item["id"]
             report.rows.append(row)
     report.unchecked = sorted(unknown)
