@@ -39,9 +39,11 @@ def _named(specs, what: str) -> dict[str, Path]:
 @click.option("--allow-files", type=DIR, default=None,
               help="Let requests name audio files (file:// URLs) under this folder; off by default.")
 @click.option("--name", default=None, help="The model id in /v1/models [default: the model folder's name].")
+@click.option("--max-queue", type=click.IntRange(min=0), default=16, show_default=True,
+              help="Requests that may wait behind the one being answered; past that, a 503 at once.")
 @click.option("--quiet", is_flag=True, help="No request log on stderr.")
 @FORCE
-def serve(model, heads_specs, vector_specs, host, port, allow_files, name, quiet, force):
+def serve(model, heads_specs, vector_specs, host, port, allow_files, name, max_queue, quiet, force):
     """Serve the model over an OpenAI-compatible API: POST /v1/chat/completions (audio as
     input_audio or audio_url parts; streaming, logprobs, the `mlx_listen` extension), GET /v1/models,
     GET /health, POST /view (the viewer page for a request).
@@ -70,6 +72,6 @@ def serve(model, heads_specs, vector_specs, host, port, allow_files, name, quiet
         click.echo(f"[INFO] serving {', '.join(engine.model_ids())} on http://{h}:{p}/v1", err=True)
 
     try:
-        run(engine, host, port, allow_dir=allow_files.resolve() if allow_files else None, quiet=quiet, ready=ready)
+        run(engine, host, port, allow_dir=allow_files.resolve() if allow_files else None, max_queue=max_queue, quiet=quiet, ready=ready)
     except OSError as e:
         raise click.ClickException(f"cannot listen on {host}:{port} ({e.strerror or e})") from None

@@ -3,7 +3,9 @@
 Routes: `POST /v1/chat/completions` (streaming SSE or one JSON object), `GET /v1/models`,
 `GET /health`, `POST /view` (the viewer page for a chat request: the same body, an HTML answer).
 Each connection has its own thread; model work takes turns under the engine's lock, so concurrent
-clients queue and never share a KV cache or a hook. A bad request is a 400 with OpenAI's error
+clients queue and never share a KV cache or a hook. The queue is bounded: past `max_queue` requests
+waiting behind the one being answered, a request gets a 503 at once (with Retry-After) instead of
+waiting without end. A bad request is a 400 with OpenAI's error
 object before any model work; a client that goes away mid-stream stops its answer and frees the
 model for the next; an unexpected failure is a 500 and the server goes on.
 """
@@ -31,9 +33,11 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address, engine: Engine, *, allow_dir: Path | None = None, max_body: int = 64 << 20,
-                 quiet: bool = False):
+                 max_queue: int = 16, quiet: bool = False):
         super().__init__(address, Handler)
         self.engine, self.allow_dir, self.max_body, self.quiet = engine, allow_dir, max_body, quiet
+        self.max_queue = max_queue
+        self.slots = threading.BoundedSemaphore(max_queue + 1)  # the request being answered + those waiting
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -100,6 +104,24 @@ class Handler(BaseHTTPRequestHandler):
                                        "code": None}})
 
     def do_POST(self):
+        if not self.server.slots.acquire(blocking=False):
+            self.rfile.read(min(int(self.headers.get("Content-Length", "0") or 0), self.server.max_body))
+            self.send_response(503)
+            body = json.dumps({"error": {"message": f"the server is busy (the queue is full: "
+                                                   f"{self.server.max_queue} waiting); retry later", "type": "server_busy",
+                                         "param": None, "code": "queue_full"}}).encode()
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Retry-After", "1")
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        try:
+            self._post()
+        finally:
+            self.server.slots.release()
+
+    def _post(self):
         path = self.path.split("?", 1)[0]
         try:
             if path not in ("/v1/chat/completions", "/view"):
@@ -185,9 +207,9 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8080, *, allow_dir: Path | None = None,
-          quiet: bool = False, ready=None) -> None:
+          max_queue: int = 16, quiet: bool = False, ready=None) -> None:
     """Serve until interrupted; `ready(server)` is called once the socket listens (tests, `port=0`)."""
-    httpd = Server((host, port), engine, allow_dir=allow_dir, quiet=quiet)
+    httpd = Server((host, port), engine, allow_dir=allow_dir, max_queue=max_queue, quiet=quiet)
     if ready is not None:
         ready(httpd)
     try:

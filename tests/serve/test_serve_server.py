@@ -214,6 +214,42 @@ def test_a_client_that_leaves_mid_stream_frees_the_model(server, client, tiny_gq
     assert r.choices[0].message.content == expected(tiny_gqa, audio, 4).text
 
 
+def test_a_full_queue_answers_503_at_once(server, tiny_gqa):
+    """With one request answered and `max_queue` = 1 waiting, the next gets a 503 with Retry-After at once
+    (curl), and the two queued ones are answered in full once the model is free."""
+    engine = server.engine
+    busy = Server(("127.0.0.1", 0), engine, max_queue=1, quiet=True)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    port = busy.server_address[1]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+    audio = flac(1.0)
+    body = json.dumps({"model": "tiny", "messages": messages(audio), "max_tokens": 3})
+    pool = ThreadPoolExecutor(2)
+    try:
+        with engine.lock:  # the model is busy: both requests wait on it
+            queued = [pool.submit(client.chat.completions.create, model="tiny", messages=messages(audio), max_tokens=3)
+                      for _ in range(2)]
+            deadline = time.time() + 30
+            while busy.slots._value > 0 and time.time() < deadline:  # both have taken their slots
+                time.sleep(0.01)
+            tic = time.perf_counter()
+            out = subprocess.run(["curl", "-s", "-i", "-H", "Content-Type: application/json", "-d", body,
+                                  f"http://127.0.0.1:{port}/v1/chat/completions"], capture_output=True, text=True,
+                                 timeout=30)
+            waited = time.perf_counter() - tic
+            assert not any(f.done() for f in queued)
+        head, _, payload = out.stdout.partition("\n\n")  # text mode: CRLF read as LF
+        assert head.startswith("HTTP/1.1 503") and "Retry-After: 1" in head and waited < 10
+        err = json.loads(payload)["error"]
+        assert err["code"] == "queue_full" and "1 waiting" in err["message"]
+        want = expected(tiny_gqa, audio, 3).text
+        assert [f.result(timeout=120).choices[0].message.content for f in queued] == [want, want]
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        busy.shutdown()
+        busy.server_close()
+
+
 @pytest.mark.slow
 def test_many_clients_at_once(client, tiny_gqa):
     """8 streaming clients x 5 requests each: every answer is `ask`'s, and memory is back after."""
