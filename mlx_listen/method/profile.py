@@ -103,6 +103,11 @@ def check_model(name: str, spec: str, settings: Settings, out: Path) -> Entry:
     return Entry(name, spec, ref, family, shape, fingerprint)
 
 
+class LoadFailed(RuntimeError):
+    """The model did not load: the model's failure, not one item's (`records.Stage` records a ListenError
+    raised for an item as that item's error row, which a rerun would then take as done)."""
+
+
 class LazyBackend:
     """The experiment's `ModelBackend` for one model, loaded on the first item it has to answer (a
     stage whose rows are all recorded asks nothing), and freed by `close()`."""
@@ -117,7 +122,10 @@ class LazyBackend:
             from .backend import ModelBackend
 
             self.loaded = True  # the model's work began (loading may still fail)
-            self._inner = ModelBackend(self.entry.ref, self.audio_dir, self.settings)
+            try:
+                self._inner = ModelBackend(self.entry.ref, self.audio_dir, self.settings)
+            except ListenError as e:
+                raise LoadFailed(f"it did not load: {e}") from None
         return self._inner
 
     def base(self, item):
@@ -145,7 +153,7 @@ class LazyBackend:
 
 def _one_line(e: BaseException) -> str:
     s = " ".join(str(e).split()) or type(e).__name__
-    return s if isinstance(e, ListenError) else f"{type(e).__name__}: {s}"
+    return s if isinstance(e, (ListenError, LoadFailed)) else f"{type(e).__name__}: {s}"
 
 
 def run_model(entry: Entry, settings: Settings, data: Path, audio_dir: Path, out: Path, *, limit, tasks,

@@ -300,10 +300,12 @@ def plot(profile: dict, path: Path, dpi: int | None = None):
                 continue
             err = None if not ci else [[max(0.0, v - ci[0])], [max(0.0, ci[1] - v)]]
             a_sum.errorbar([i], [v], yerr=err, fmt="o", color=color, capsize=4, ms=6)
+            a_sum.annotate(f"{v:.2f}" + ("" if ci else " (no CI)"), (i, v), xytext=(7, 0), textcoords="offset points",
+                           fontsize=7, va="center", color=color)
         a_sum.axhline(0.5, ls=":", color="0.5", lw=1, label="AUC 0.5 (chance)")
         a_sum.set_xticks(range(3), [p[0] for p in points], fontsize=8)
         a_sum.set_xlim(-0.6, 2.6)
-        a_sum.set_ylim(0, 1)
+        a_sum.set_ylim(-0.04, 1.04)
         d = acc["difference"] or {}
         gain = "n/a" if d.get("difference") is None else f"{100 * d['difference']:+.1f} pts"
         ci = d.get("ci95")

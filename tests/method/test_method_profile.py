@@ -183,3 +183,23 @@ def test_a_failing_model_does_not_stop_the_others(tmp_path, demo, monkeypatch):
                             P.Entry(name, spec, P.ModelRef(spec), "qwen2_audio", (2, 2), "same"))
         P.profile("a=m1,b=m1", demo, demo.parent, tmp_path / "out2", Settings(k=2, random_sets=2))
     assert not (tmp_path / "out2").exists()
+
+
+def test_a_model_that_does_not_load_fails_as_a_whole(tmp_path, monkeypatch):
+    """A load failure is the model's, never an item's error row (`records.Stage` records a ListenError per
+    item, and a rerun would take those rows as done: the model could never be retried)."""
+    from mlx_listen.errors import ModelError
+    from mlx_listen.method import backend as B
+    from mlx_listen.records import Stage
+
+    def fail(*a, **kw):
+        raise ModelError("weights do not match the config")
+
+    monkeypatch.setattr(B, "ModelBackend", fail)
+    lazy = P.LazyBackend(P.Entry("m", "m", P.ModelRef("m"), "qwen2_audio", (2, 2), "fp"), tmp_path, Settings())
+    assert not lazy.loaded
+    with pytest.raises(P.LoadFailed, match="it did not load: weights do not match the config"):
+        Stage(tmp_path / "base.jsonl").run([{"id": "a"}, {"id": "b"}], lazy.base, desc="base", progress=False)
+    assert lazy.loaded and not (tmp_path / "base.jsonl").exists()
+    assert P._one_line(P.LoadFailed("it did not load: x")) == "it did not load: x"
+    lazy.close()
