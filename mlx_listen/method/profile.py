@@ -199,6 +199,13 @@ def profile(models, data, audio_dir, out, settings: Settings | None = None, *, l
             raise ListenError(f"{seen[e.fingerprint]} and {e.name} are the same weights: give each model once")
         seen[e.fingerprint] = e.name
     identity = {"data_sha256": file_sha256(data), "tasks": list(tasks), "limit": limit, **settings.to_json()}
+    for e in entries:  # an experiment folder put there by hand (`mlx-listen experiment`) must match too
+        ident = out / e.name / "experiment.json"
+        old = read_json(ident, "run identity file") if ident.exists() else {}
+        diff = [k for k in identity if k in old and old[k] != identity[k]]
+        if diff:
+            raise ListenError(f"{out / e.name} holds an experiment with other settings ({', '.join(diff)} differ); "
+                              "use the same settings to resume, or another --out")
     with locked(out), provisional(out / "profile.meta.json"):
         claim(out / "profile.meta.json", identity, extra={"data": str(data)})
         runs = [run_model(e, settings, data, audio_dir, out, limit=limit, tasks=tasks, progress=progress)

@@ -126,7 +126,8 @@ def test_three_families_side_by_side(zoo, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["empty", "empty entry", "same name", "unknown folder", "unknown family",
-                                  "same weights", "preset", "every head", "other model", "missing audio"])
+                                  "same weights", "preset", "every head", "other model", "other settings",
+                                  "missing audio"])
 def test_bad_input_is_one_line_before_any_model_work(zoo, tmp_path, case, no_load):
     out = tmp_path / "out"
     q, a = zoo["qwen2-audio"], zoo["af3"]
@@ -154,6 +155,14 @@ def test_bad_input_is_one_line_before_any_model_work(zoo, tmp_path, case, no_loa
         (out / "af3").mkdir(parents=True)
         (out / "af3" / "experiment.json").write_text(json.dumps({"model_fingerprint": "another"}))
         user_error(invoke(*args(zoo, out, f"{q},{a}")), "holds another model's experiment")
+        assert sorted(p.name for p in out.rglob("*")) == ["af3", "experiment.json"]
+        return
+    elif case == "other settings":  # an experiment folder of the same model, made with --k 3
+        from mlx_listen.load import weights_fingerprint
+
+        (out / "af3").mkdir(parents=True)
+        (out / "af3" / "experiment.json").write_text(json.dumps({"model_fingerprint": weights_fingerprint(a), "k": 3}))
+        user_error(invoke(*args(zoo, out, f"{q},{a}")), "holds an experiment with other settings (k differ)")
         assert sorted(p.name for p in out.rglob("*")) == ["af3", "experiment.json"]
         return
     elif case == "missing audio":
