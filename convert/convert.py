@@ -235,8 +235,11 @@ def _evaluate(arrays: list, transient: float, bar):
     done = ahead = 0
     j = 0
     try:
+        blocked = {id(a) for a in arrays if id(a) in Q.BLOCKS}  # fp4 in row blocks: each in its turn only
         for i, a in enumerate(arrays):
-            while j < len(arrays) and (j == i or done + transient * (ahead + arrays[j].nbytes) <= room):
+            Q.blocks_first(a)
+            while j < len(arrays) and (j == i or (id(arrays[j]) not in blocked and
+                                                  done + transient * (ahead + arrays[j].nbytes) <= room)):
                 mx.async_eval(arrays[j])
                 ahead += arrays[j].nbytes
                 j += 1

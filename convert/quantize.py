@@ -162,8 +162,48 @@ def quantize(model: nn.Module, config: dict, s: Spec) -> tuple[nn.Module, dict]:
 
     from mlx_lm.utils import quantize_model
 
+    floats = {p: m.weight for p, m in targets(model, s).items()}
     with contextlib.redirect_stdout(io.StringIO()):  # its [INFO] print would go to stdout
-        return quantize_model(model, config, s.group, s.bits, mode=s.mode, quant_predicate=predicate(model, s))
+        model, config = quantize_model(model, config, s.group, s.bits, mode=s.mode, quant_predicate=predicate(model, s))
+    if s.mode in ("mxfp4", "nvfp4"):
+        _in_row_chunks(model, floats)
+    return model, config
+
+
+CHUNK = 1 << 21  # parameters quantised at once by MLX's CPU fp4 kernels
+
+
+def _in_row_chunks(model: nn.Module, floats: dict):
+    """MLX's CPU fp4 quantisation holds ~80 bytes a parameter while it runs (nvfp4: 3.5 GB for one 4096 x 11008
+    matrix; a 7B embedding would need ~50 GB), so those layers are quantised a block of rows at a time
+    (groups run along a row: the result is identical), still lazily."""
+    import mlx.core as mx
+
+    BLOCKS.clear()  # what an earlier, failed conversion left
+    for p, m in tree_flatten(model.leaf_modules(), is_leaf=nn.Module.is_module):
+        w = floats.get(p)
+        if "scales" not in m or w is None or w.size <= CHUNK:
+            continue
+        rows = max(1, CHUNK // w.shape[-1])
+        parts = [mx.quantize(w[i:i + rows], group_size=m.group_size, bits=m.bits, mode=m.mode)
+                 for i in range(0, w.shape[0], rows)]
+        m.weight = mx.concatenate([q[0] for q in parts])
+        m.scales = mx.concatenate([q[1] for q in parts])
+        BLOCKS[id(m.weight)] = BLOCKS[id(m.scales)] = parts  # evaluated one by one (`blocks_first`)
+
+
+BLOCKS: dict[int, list] = {}
+
+
+def blocks_first(a) -> bool:
+    """Evaluate the row blocks `a` is made of one at a time (evaluated together, MLX runs them side by side and
+    the peak is the whole matrix's again); True if `a` had blocks (then never schedule it ahead)."""
+    import mlx.core as mx
+
+    parts = BLOCKS.pop(id(a), None)
+    for q in parts or ():
+        mx.eval(q)
+    return parts is not None
 
 
 def bits_per_part(model: nn.Module) -> dict[str, float]:

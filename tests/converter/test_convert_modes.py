@@ -200,3 +200,15 @@ def test_command_modes_and_refusals(tiny_gqa, tmp_path):
     r = invoke("convert", "--hf-path", out, "--mlx-path", tmp_path / "deq", "-d")
     assert r.exit_code == 0, r.output
     assert "quantization" not in json.loads((tmp_path / "deq" / "config.json").read_text())
+
+
+def test_fp4_in_row_blocks_is_identical(tiny_gqa, folders, tmp_path, monkeypatch):
+    """MLX's CPU fp4 kernels are quantised a block of rows at a time (their memory): the same bytes."""
+    from support.checkpoints import assert_same_tensors
+
+    from mlx_listen_convert import quantize as Q
+
+    monkeypatch.setattr(Q, "CHUNK", 1000)  # every decoder matrix of the tiny model in several blocks
+    out = convert(str(tiny_gqa.hf_path), str(tmp_path / "nv"), quantize=True, q_mode="nvfp4", progress=False)
+    assert not Q.BLOCKS
+    assert_same_tensors(tensors(out), tensors(folders["nvfp4"]))
