@@ -10,9 +10,9 @@ accuracy with paired intervals.
 Before any model work, every input is checked: the models (`A,B,NAME=C`: a name from the folder or
 the hub id's last part, or given; no two alike, no model twice), each model's config (its family,
 shape and prompt preset; settings that need more heads than it has), the data and every clip, and
-that `out/<name>/` holds no other model's run. A model that fails while it runs (its weights will
-not load, a forward pass is not finite, too few usable items) is reported as failed and the others
-go on; rerunning the same command retries it. Resumable: a model whose stages are all recorded is
+that `out/<name>/` holds neither another model's run nor one with other settings. A model that
+fails while it runs (its weights will not load, a forward pass is not finite, too few usable items)
+is reported as failed and the others go on; rerunning the same command retries it. Resumable: a model whose stages are all recorded is
 not loaded at all (its backend loads the weights on the first item it has to answer), so a rerun of
 a finished profile only rebuilds the reports.
 """
