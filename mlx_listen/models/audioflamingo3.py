@@ -25,7 +25,7 @@ import mlx.nn as nn
 
 from ..hooks import Hooks
 from .base import BLOCK, AudioLM, fingerprint_blocks
-from .qwen2 import LanguageModel, TextConfig
+from .qwen2 import LanguageModel, TextConfig, check_model_type, eos_ids
 from .qwen2_audio import _IN_MEMORY_PREFIXES
 from .whisper import AudioConfig, AudioEncoder
 
@@ -48,14 +48,12 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        if d.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        check_model_type(d, MODEL_TYPE)
         if d.get("projector_hidden_act", "gelu") != "gelu":
             raise ValueError(f"projector_hidden_act {d['projector_hidden_act']!r} is not supported (gelu only)")
         # transformers never ties AF3's head (its class declares no tied weights): a separate lm_head
         text = TextConfig.from_dict({**(d.get("text_config") or {}), "tie_word_embeddings": False})
-        eos = d.get("eos_token_id", text.eos_token_id)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = eos_ids(d, text)
         return cls(model_type=MODEL_TYPE, audio_config=AudioConfig.from_dict(d.get("audio_config") or {}),
                    text_config=text, audio_token_index=d.get("audio_token_id", d.get("audio_token_index", 151669)),
                    projector_bias=d.get("projector_bias", True), eos_token_id=eos,

@@ -30,6 +30,17 @@ def from_dict(cls, d: dict):
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def check_model_type(d: dict, expected: str) -> None:
+    if d.get("model_type") != expected:
+        raise ValueError(f"model_type is {d.get('model_type')!r}, expected {expected!r}")
+
+
+def eos_ids(d: dict, text: "TextConfig") -> list[int]:
+    """The top level's eos ids (mlx-lm's load_config merges generation_config's there), else the text config's."""
+    eos = d.get("eos_token_id", text.eos_token_id)
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 @dataclass
 class TextConfig:
     """`text_config` (Qwen2Config); defaults are transformers' Qwen2Config defaults."""

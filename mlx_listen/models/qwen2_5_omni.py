@@ -27,7 +27,7 @@ import numpy as np
 
 from ..hooks import Hooks
 from .base import BLOCK, AudioLM, fingerprint_blocks
-from .qwen2 import LanguageModel, TextConfig, from_dict
+from .qwen2 import LanguageModel, TextConfig, check_model_type, eos_ids, from_dict
 from .whisper import EncoderLayer
 
 MODEL_TYPE = "qwen2_5_omni"
@@ -79,8 +79,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        if d.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        check_model_type(d, MODEL_TYPE)
         th = d.get("thinker_config")
         if not isinstance(th, dict) or not isinstance(th.get("text_config"), dict) \
                 or not isinstance(th.get("audio_config"), dict):
@@ -95,8 +94,7 @@ class ModelConfig:
                                      "tie_word_embeddings": th.get("tie_word_embeddings", False)})
         if section is not None and sum(section) != text.head_dim // 2:
             raise ValueError(f"mrope_section {section} does not sum to head_dim / 2 = {text.head_dim // 2}")
-        eos = d.get("eos_token_id", text.eos_token_id)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = eos_ids(d, text)
         return cls(model_type=MODEL_TYPE, audio_config=AudioConfig.from_dict(th["audio_config"]), text_config=text,
                    audio_token_index=th.get("audio_token_index", th.get("audio_token_id", 151646)),
                    eos_token_id=eos, quantization=d.get("quantization"), raw=d)

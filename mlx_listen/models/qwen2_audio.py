@@ -23,7 +23,7 @@ import mlx.nn as nn
 
 from ..hooks import Hooks
 from .base import BLOCK, AudioLM, fingerprint_blocks
-from .qwen2 import LanguageModel, TextConfig
+from .qwen2 import LanguageModel, TextConfig, check_model_type, eos_ids
 from .qwen2_5_omni import sinusoids
 from .whisper import AudioConfig, AudioEncoder
 
@@ -52,12 +52,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
-        if d.get("model_type") != MODEL_TYPE:
-            raise ValueError(f"model_type is {d.get('model_type')!r}, expected {MODEL_TYPE!r}")
+        check_model_type(d, MODEL_TYPE)
         text = TextConfig.from_dict(d.get("text_config") or {})
-        # mlx-lm's load_config merges generation_config's eos ids into the top level.
-        eos = d.get("eos_token_id", text.eos_token_id)
-        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        eos = eos_ids(d, text)
         return cls(
             model_type=d["model_type"],
             audio_config=AudioConfig.from_dict(d.get("audio_config") or {}),
