@@ -198,6 +198,19 @@ def run_steered(model, processor, clips: Sequence[np.ndarray], question: str, sy
     last position of every forward call (`at="all"`: the prompt's last position, then each
     generated token) or of the first call only (`at="prompt"`).
     """
+    d, inputs = audio_silence_direction(model, processor, clips, question, system, layers)
+    return {"steer_direction": d.cpu().numpy(), **add_at_last_block(model, inputs, alpha * d, at, max_new_tokens)}
+
+
+def _prepared(model, processor, audio, question, system):
+    inputs = hf_inputs(processor, audio, question, system).to(model.device)
+    inputs["input_features"] = inputs["input_features"].to(model.dtype)
+    return inputs
+
+
+def audio_silence_direction(model, processor, clips, question: str, system: str | None, layers: Sequence[int]):
+    """d(x): mean over `layers` of (block output with the audio - with equal-length digital silence) at
+    the last prompt position, in float32 (a torch tensor); and the prompt's inputs with the audio."""
     import torch
 
     lm = model.model.language_model
@@ -215,16 +228,18 @@ def run_steered(model, processor, clips: Sequence[np.ndarray], question: str, sy
                 h.remove()
         return got
 
-    def prepared(audio):
-        inputs = hf_inputs(processor, audio, question, system).to(model.device)
-        inputs["input_features"] = inputs["input_features"].to(model.dtype)
-        return inputs
-
-    inputs = prepared(list(clips))
-    silent = prepared([np.zeros_like(c) for c in clips])
+    inputs = _prepared(model, processor, list(clips), question, system)
+    silent = _prepared(model, processor, [np.zeros_like(c) for c in clips], question, system)
     assert torch.equal(inputs["input_ids"], silent["input_ids"]), "silence changed the prompt"
     a, s = block_outputs(inputs), block_outputs(silent)
-    d = torch.stack([a[l] - s[l] for l in layers]).mean(0)
+    return torch.stack([a[l] - s[l] for l in layers]).mean(0), inputs
+
+
+def add_at_last_block(model, inputs, delta, at: str = "all", max_new_tokens: int = 0) -> dict[str, np.ndarray]:
+    """`delta` added to the last decoder block's output at the last position of every forward call
+    (`at="all"`) or of the first only (`at="prompt"`): the steered last logits and greedy tokens."""
+    import torch
+
     calls = {"n": 0}
 
     def steer(module, args, output):
@@ -233,14 +248,13 @@ def run_steered(model, processor, clips: Sequence[np.ndarray], question: str, sy
             return output
         h = output[0] if isinstance(output, tuple) else output
         h = h.clone()
-        h[:, -1] += (alpha * d).to(h.dtype)
+        h[:, -1] += delta.to(h.dtype)
         return (h, *output[1:]) if isinstance(output, tuple) else h
 
-    hook = lm.layers[-1].register_forward_hook(steer)
+    hook = model.model.language_model.layers[-1].register_forward_hook(steer)
     try:
         with torch.no_grad():
-            logits = model(**inputs).logits[0, -1].float().cpu().numpy()
-            res = {"steer_direction": d.cpu().numpy(), "steered_logits_last": logits}
+            res = {"steered_logits_last": model(**inputs).logits[0, -1].float().cpu().numpy()}
             if max_new_tokens:
                 calls["n"] = 0
                 gen = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
