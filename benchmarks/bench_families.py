@@ -269,22 +269,9 @@ print(json.dumps({"load_s": t_load, "total_s": time.perf_counter() - tic, "rss_g
 """
 
 
-def write_long(path: Path, sr: int, seconds: float, channels: int, block_s: float = 60.0):
-    """A tone plus noise, written block by block (never held in memory)."""
-    import soundfile as sf
-
-    rng = np.random.default_rng(0)
-    with sf.SoundFile(path, "w", sr, channels, subtype="PCM_16") as f:
-        done, total = 0, int(round(sr * seconds))
-        while done < total:
-            n = min(int(sr * block_s), total - done)
-            t = (done + np.arange(n)) / sr
-            x = 0.3 * np.sin(2 * np.pi * 440 * t)[:, None] + 0.05 * rng.standard_normal((n, channels))
-            f.write(x.astype(np.float32))
-            done += n
-
-
 def bench_load(families, hours: float) -> list[dict]:
+    from bench_audio import write_long  # a long file written block by block (benchmarks/ is on sys.path)
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-families-load-", dir="/tmp"))
     rows = []
     try:
