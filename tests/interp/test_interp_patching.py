@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from support import tone
+from support.checks import check_patching_matches_hf
 
 from mlx_listen.errors import ListenError
 from mlx_listen.hooks import run_with_cache
@@ -50,23 +51,7 @@ def test_patched_logits_match_pytorch(tiny, kind):
     """One patch through PyTorch forward hooks on transformers' model and through our hooks (block
     0's output over the audio positions; head 1 of block 1 at T and T + 3, a forward pre-hook on
     `o_proj`): the logits at every continuation position and the continuation's log-probability."""
-    from mlx_listen_convert.reference.patching import run_patched
-
-    model, processor = tiny.mlx
-    clip = tone(2.5)
-    prompt, silence = pair(model, processor, clip)
-    T = prompt.last
-    cont = continuation_tokens(processor, A)
-    groups = position_groups(prompt)
-    patch = {"audio": Patch(0, tuple(int(p) for p in groups["audio"])),
-             "head": Patch(1, (T, T + 3), head=1)}[kind]
-    ref = run_patched(tiny.hf_model, tiny.hf_processor, [clip], Q, continuation=cont, layer=patch.layer,
-                      positions=list(patch.positions), head=patch.head)
-    ours = patched_logits(model, silence, prompt, cont, [patch])
-    assert np.abs(ours - ref["patched_logits"]).max() <= 1e-4
-    assert abs(logp_of(ours, cont) - ref["patched_logp"]) <= 1e-4
-    assert np.abs(patched_logits(model, silence, prompt, cont) - ref["silence_logits"]).max() <= 1e-4
-    assert np.abs(ref["patched_logits"] - ref["silence_logits"]).max() > 0.1, "the patch changed nothing: a weak test"
+    check_patching_matches_hf(tiny, kind, Q, A)
 
 
 @pytest.mark.slow

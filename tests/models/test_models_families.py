@@ -11,10 +11,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from support import tone
-from support.checks import assert_close
+from support.checks import assert_close, check_greedy_matches_hf
 from support.families import valid_features, with_features
 
-from mlx_listen.answers import generate
 from mlx_listen.errors import ListenError, TruncatedAudioWarning
 from mlx_listen.hooks import RESID, Capture
 from mlx_listen.prompt import prepare
@@ -92,15 +91,7 @@ def test_af3_takes_one_clip_per_turn(af3):
 
 @pytest.mark.slow
 def test_greedy_tokens_match_hf_generate(fam):
-    clips = [tone(2.5)]
-    ref = fam.reference("greedy", clips, "Describe the audio.", max_new_tokens=32)
-    model, processor = fam.mlx
-    ans = generate(model, processor, prepare(model, processor, clips, "Describe the audio."), max_tokens=32)
-    hf = ref["greedy_tokens"].tolist()
-    eos = set(processor.tokenizer.eos_token_ids)
-    hf_answer = hf[: next((i for i, t in enumerate(hf) if t in eos), len(hf))]
-    assert ans.tokens == hf_answer
-    assert len(hf_answer) >= 24, f"fixture stops after {len(hf_answer)} tokens: too short to test decoding"
+    check_greedy_matches_hf(fam)
 
 
 @pytest.mark.slow

@@ -7,9 +7,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from support import SR, tone
-from support.checks import assert_close
+from support.checks import assert_close, check_greedy_matches_hf
 
-from mlx_listen.answers import generate
 from mlx_listen.audio import audio_features
 from mlx_listen.hooks import RESID, Capture
 from mlx_listen.prompt import prepare
@@ -96,15 +95,7 @@ def test_two_clips_in_one_prompt(tiny):
 
 @pytest.mark.slow
 def test_greedy_tokens_match_hf_generate(tiny):
-    clips = [tone(2.5)]
-    ref = tiny.reference("greedy", clips, "Describe the audio.", max_new_tokens=32)
-    model, processor = tiny.mlx
-    ans = generate(model, processor, prepare(model, processor, clips, "Describe the audio."), max_tokens=32)
-    hf = ref["greedy_tokens"].tolist()
-    eos = set(processor.tokenizer.eos_token_ids)
-    hf_answer = hf[: next((i for i, t in enumerate(hf) if t in eos), len(hf))]
-    assert ans.tokens == hf_answer
-    assert len(hf_answer) >= 24, f"fixture stops after {len(hf_answer)} tokens: too short to test decoding"
+    check_greedy_matches_hf(tiny)
 
 
 def test_stereo_44k_file(tiny_gqa, tmp_path):
